@@ -1,0 +1,179 @@
+"""Train-only vocabularies and compact integer encodings.
+
+Index 0 of every vocabulary is the unknown bucket. It receives, in one documented way:
+values never seen in the training split, values rarer than ``min_freq`` in it, and missing values (NaN/None/"").
+A multi-valued cell is split on its separator; an empty or missing cell becomes the one-element bag ``[0]``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .schema import Feature
+
+UNKNOWN = 0
+
+
+def normalize(values: pd.Series) -> pd.Series:
+    """Raw values as strings, so 196, 196.0 and "196" are one category; missing stays missing (NaN)."""
+    if pd.api.types.is_float_dtype(values):
+        whole = values.notna() & (values == np.floor(values.fillna(0)))
+        out = values.astype(object).where(~whole, values.fillna(0).astype(np.int64).astype(str))
+        out = out.where(values.isna() | whole, values.astype(str))
+        return out.where(values.notna(), np.nan)
+    out = values.astype(object)
+    missing = out.isna() | (out.astype(str) == "")
+    return out.astype(str).where(~missing, np.nan)
+
+
+def bucketize(values: pd.Series, edges: tuple[float, ...]) -> pd.Series:
+    """Numeric values to interval labels ("[18, 25)") at ``edges``; below the first edge is "<e0", above ">=eN"."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    bins = [-np.inf, *edges, np.inf]
+    labels = [f"<{edges[0]:g}"] + [f"[{a:g}, {b:g})" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]:g}"]
+    out = pd.cut(numeric, bins=bins, labels=labels, right=False).astype(object)
+    return out.where(numeric.notna(), np.nan)
+
+
+@dataclass
+class Vocabulary:
+    """Categories of one feature, fitted on the training split; position i+1 is category i's index."""
+
+    feature: Feature
+    categories: list[str]
+    counts: np.ndarray  # training frequency per index (index 0 = unknown/rare/missing)
+
+    @property
+    def size(self) -> int:
+        return len(self.categories) + 1
+
+    def lookup(self, values: pd.Series) -> np.ndarray:
+        """Vectorised mapping of normalized raw values to indices; unseen -> 0."""
+        idx = pd.Index(self.categories).get_indexer(values)  # -1 where unseen or NaN
+        return (idx + 1).astype(np.int32)
+
+
+@dataclass
+class Column:
+    """One encoded feature: ``values`` (int32) per row, or flat values plus ``offsets`` (int64, n+1) for bags."""
+
+    values: np.ndarray
+    offsets: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray) -> Column:
+        if self.offsets is None:
+            return Column(self.values[rows])
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # gather variable-length slices without a Python loop over rows
+        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Column(self.values[flat], offsets)
+
+
+@dataclass
+class Encoded:
+    """Encoded rows of one split: a Column per feature and a float32 label."""
+
+    columns: dict[str, Column]
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def take(self, rows: np.ndarray) -> Encoded:
+        return Encoded({k: c.take(rows) for k, c in self.columns.items()}, self.label[rows])
+
+    def digest(self, h: "hashlib._Hash") -> None:
+        for name in sorted(self.columns):
+            col = self.columns[name]
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(col.values).tobytes())
+            if col.offsets is not None:
+                h.update(np.ascontiguousarray(col.offsets).tobytes())
+        h.update(np.ascontiguousarray(self.label).tobytes())
+
+
+class Encoder:
+    """Vocabularies for every feature, fitted on training rows only; transforms raw frames to ``Encoded``."""
+
+    def __init__(self, vocabs: dict[str, Vocabulary]):
+        self.vocabs = vocabs
+
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        return tuple(v.feature for v in self.vocabs.values())
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, features: tuple[Feature, ...], min_freq: int = 1) -> Encoder:
+        if min_freq < 1:
+            raise ValueError(f"min_freq is {min_freq}, but must be >= 1")
+        vocabs = {}
+        for f in features:
+            tokens = _tokens(frame[f.name], f)
+            counts = tokens.value_counts(dropna=True, sort=False)
+            kept = counts[counts >= min_freq]
+            categories = sorted(kept.index.tolist())
+            freq = np.zeros(len(categories) + 1, dtype=np.int64)
+            freq[1:] = kept.reindex(categories).to_numpy()
+            freq[0] = int(len(tokens) - freq[1:].sum())
+            vocabs[f.name] = Vocabulary(f, categories, freq)
+        return cls(vocabs)
+
+    def transform(self, frame: pd.DataFrame) -> dict[str, Column]:
+        missing = [name for name in self.vocabs if name not in frame.columns]
+        if missing:
+            raise ValueError(f"column '{missing[0]}' is missing from the input; it must hold feature '{missing[0]}'")
+        out = {}
+        for name, vocab in self.vocabs.items():
+            f = vocab.feature
+            if not f.multi:
+                out[name] = Column(vocab.lookup(_prepare(frame[name], f)))
+                continue
+            cells = _prepare(frame[name], f)
+            lists = cells.str.split(f.sep, regex=False)
+            lists = lists.where(lists.notna(), pd.Series([[""]] * len(lists), index=lists.index))
+            lengths = lists.str.len().to_numpy(dtype=np.int64)
+            flat = lists.explode()
+            flat = flat.where(flat != "", np.nan)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            out[name] = Column(vocab.lookup(flat.str.strip()), offsets)
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form: what a production export stores."""
+        return {
+            name: {
+                "multi": v.feature.multi,
+                "sep": v.feature.sep,
+                "buckets": list(v.feature.buckets) if v.feature.buckets else None,
+                "categories": v.categories,
+                "counts": v.counts.tolist(),
+            }
+            for name, v in self.vocabs.items()
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Encoder:
+        vocabs = {}
+        for name, v in d.items():
+            f = Feature(name, bool(v["multi"]), v["sep"], tuple(v["buckets"]) if v.get("buckets") else None)
+            vocabs[name] = Vocabulary(f, list(v["categories"]), np.asarray(v["counts"], dtype=np.int64))
+        return cls(vocabs)
+
+
+def _prepare(values: pd.Series, f: Feature) -> pd.Series:
+    return bucketize(values, f.buckets) if f.buckets else normalize(values)
+
+
+def _tokens(values: pd.Series, f: Feature) -> pd.Series:
+    cells = _prepare(values, f)
+    if not f.multi:
+        return cells
+    flat = cells.str.split(f.sep, regex=False).explode().str.strip()
+    return flat.where(flat != "", np.nan)
