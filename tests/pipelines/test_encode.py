@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipelines.encode import UNKNOWN, Column, Encoder, bucketize, normalize
+from pipelines.schema import Feature
+
+
+def test_encoder_unknown_values_map_to_zero():
+    train = pd.DataFrame({"u": ["a", "b", "b"], "g": ["x|y", "y", "x"]})
+    enc = Encoder.fit(train, (Feature("u"), Feature("g", multi=True)))
+    cols = enc.transform(pd.DataFrame({"u": ["b", "zzz", None], "g": ["y|new", None, "x"]}))
+    u = enc.vocabs["u"]
+    assert cols["u"].values.tolist() == [u.categories.index("b") + 1, UNKNOWN, UNKNOWN]
+    g = enc.vocabs["g"]
+    assert cols["g"].offsets.tolist() == [0, 2, 3, 4]
+    assert cols["g"].values.tolist() == [g.categories.index("y") + 1, UNKNOWN, UNKNOWN, g.categories.index("x") + 1]
+
+
+def test_encoder_min_freq_folds_rare_values_into_unknown():
+    train = pd.DataFrame({"u": ["a"] * 3 + ["b"]})
+    enc = Encoder.fit(train, (Feature("u"),), min_freq=2)
+    assert enc.vocabs["u"].categories == ["a"]
+    assert enc.vocabs["u"].counts.tolist() == [1, 3]
+    assert enc.transform(pd.DataFrame({"u": ["b", "a"]}))["u"].values.tolist() == [0, 1]
+
+
+def test_normalize_treats_int_float_and_str_alike():
+    a = normalize(pd.Series([196, 3]))
+    b = normalize(pd.Series([196.0, np.nan]))
+    c = normalize(pd.Series(["196", ""]))
+    assert a[0] == b[0] == c[0] == "196"
+    assert pd.isna(b[1]) and pd.isna(c[1])
+
+
+def test_bucketize_labels_intervals():
+    out = bucketize(pd.Series([10, 18, 30, 70, None]), (18, 25, 60))
+    assert out.tolist()[:4] == ["<18", "[18, 25)", "[25, 60)", ">=60"]
+    assert pd.isna(out.iloc[4])
+
+
+def test_encoder_roundtrips_through_dict():
+    train = pd.DataFrame({"u": ["a", "b"], "g": ["x|y", "y"]})
+    enc = Encoder.fit(train, (Feature("u"), Feature("g", multi=True)))
+    again = Encoder.from_dict(enc.to_dict())
+    frame = pd.DataFrame({"u": ["b", "q"], "g": ["y|x", "q"]})
+    for name in ("u", "g"):
+        assert np.array_equal(enc.transform(frame)[name].values, again.transform(frame)[name].values)
+
+
+def test_encoder_missing_column_is_named():
+    enc = Encoder.fit(pd.DataFrame({"u": ["a", "b"]}), (Feature("u"),))
+    with pytest.raises(ValueError, match="column 'u' is missing"):
+        enc.transform(pd.DataFrame({"v": [1]}))
+
+
+@given(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=4), min_size=1, max_size=30), st.data())
+def test_column_take_gathers_bags(bags, data):
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bags])]).astype(np.int64)
+    col = Column(np.concatenate([np.array(b, dtype=np.int32) for b in bags]), offsets)
+    rows = np.array(data.draw(st.lists(st.integers(0, len(bags) - 1), max_size=20)), dtype=np.int64)
+    taken = col.take(rows)
+    got = [taken.values[taken.offsets[i] : taken.offsets[i + 1]].tolist() for i in range(len(rows))]
+    assert got == [bags[r] for r in rows]
