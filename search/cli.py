@@ -1,0 +1,299 @@
+"""The `embsize` command. Bad input ends with one line on stderr, exit code 2, no traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .parsing import parse_bytes, parse_dims, parse_ints, parse_list
+
+
+class UsageError(Exception):
+    """Bad input found by the CLI itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (default, planted dims), a MovieLens folder/zip, 'movielens-100k' (download), "
+                        "or a CSV/Parquet file")
+    g.add_argument("--label", help="label column of a CSV/Parquet file")
+    g.add_argument("--features", help="comma-separated feature columns of a CSV/Parquet file")
+    g.add_argument("--multi", help="comma-separated multi-valued feature columns (cells like 'a|b')")
+    g.add_argument("--sep", default="|", help="separator inside multi-valued cells (default '|')")
+    g.add_argument("--positive-threshold", type=float, help="label >= this is positive (MovieLens default 4)")
+    g.add_argument("--time-column", help="timestamp column, for --split temporal")
+    g.add_argument("--delimiter", help="CSV delimiter (default: detected)")
+    g.add_argument("--rows", type=int, help="rows of the synthetic dataset (default 100000)")
+    g.add_argument("--split", choices=("random", "temporal"), default="random")
+    g.add_argument("--min-freq", type=int, default=1, help="values seen fewer times in training map to unknown (0)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _load(args) -> tuple[object, dict]:
+    from pipelines import prepare
+    from pipelines.load import load
+
+    if args.rows is not None and args.rows < 1:
+        raise UsageError(f"--rows is {args.rows}, but must be >= 1")
+    raw = load(
+        args.data,
+        label=args.label,
+        features=parse_list(args.features) or None,
+        multi=parse_list(args.multi) or None,
+        sep=args.sep,
+        threshold=args.positive_threshold,
+        time=args.time_column,
+        delimiter=args.delimiter,
+        synthetic_rows=args.rows,
+        seed=args.seed,
+    )
+    data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
+    info = {"source": str(raw.meta.get("source", args.data)), "split": args.split, "min_freq": args.min_freq,
+            "seed": args.seed, "rows": len(raw)}
+    if "planted_dims" in raw.meta:
+        info["planted_dims"] = raw.meta["planted_dims"]
+    return data, info
+
+
+def cmd_train(args) -> int:
+    from pipelines import ModelConfig, TrainConfig, evaluate, model_bytes, train
+    from pipelines.memory import embedding_bytes
+    from pipelines.train import SplitTensors
+
+    if args.config:
+        from .production import train_recipe
+
+        return train_recipe(args)
+    data, _ = _load(args)
+    dims = parse_dims(args.dims or "")
+    unknown = sorted(set(dims) - set(data.feature_names))
+    if unknown:
+        raise UsageError(f"dim given for unknown feature '{unknown[0]}'; known features: {', '.join(data.feature_names)}")
+    if args.default_dim < 1:
+        raise UsageError(f"--default-dim is {args.default_dim}, but must be >= 1")
+    dims = {f: dims.get(f, args.default_dim) for f in data.feature_names}
+    model_cfg = ModelConfig(dims, parse_ints(args.hidden, "--hidden"), args.dropout)
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
+                      seed=args.seed, threads=args.threads, sparse=args.sparse)
+    print(data.summary())
+    print("dims: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
+
+    def on_epoch(r, _snapshot):
+        print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val AUC {r.val_auc:.4f}  "
+              f"val logloss {r.val_logloss:.4f}  {r.samples_per_s:,.0f} samples/s", flush=True)
+
+    result = train(model_cfg, cfg, data, on_epoch=on_epoch)
+    test_auc, test_ll = evaluate(result.model, SplitTensors(data.test, result.model, next(result.model.parameters()).device))
+    nbytes = model_bytes(data.features, dims, model_cfg.hidden)
+    emb = sum(embedding_bytes(data.features, dims).values())
+    print(f"ended: {result.ended} after {result.epochs} epochs (best epoch {result.best_epoch})")
+    print(f"validation AUC {result.best_val_auc:.4f}  logloss {result.best_val_logloss:.4f}")
+    print(f"test AUC {test_auc:.4f}  logloss {test_ll:.4f}")
+    print(f"model bytes {nbytes:,} (embeddings {emb:,}) at fp32")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from . import tracking
+    from .runner import SearchSettings, run_search
+    from .space import SearchSpec, build_space, load_spec
+
+    if args.trials < 1:
+        raise UsageError(f"--trials is {args.trials}, but must be >= 1")
+    if args.max_epochs < 1:
+        raise UsageError(f"--max-epochs is {args.max_epochs}, but must be >= 1")
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial is {args.cpus_per_trial}, but must be > 0")
+    if args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial is {args.gpus_per_trial}, but must be >= 0")
+    if not 0 <= args.epsilon < 1:
+        raise UsageError(f"--epsilon is {args.epsilon}, but must be in [0, 1)")
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    rule = "knee" if args.knee else ("budget" if budget is not None and args.rule_budget else "epsilon")
+    spec = load_spec(args.spec) if args.spec else SearchSpec()
+    spec = _spec_overrides(spec, args)
+    out_dir = Path(args.output_dir).resolve()
+    _check_writable(out_dir)
+    data, info = _load(args)
+    space = build_space(data.features, spec)
+    if budget is not None and space.min_bytes() > budget:
+        raise UsageError(
+            f"--memory-budget {budget:,} bytes is below the smallest model in the search space "
+            f"({space.min_bytes():,} bytes); raise the budget or lower --min-dim/--hidden"
+        )
+    name = args.name or f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = SearchSettings(
+        name=name, trials=args.trials, max_epochs=args.max_epochs, patience=args.patience,
+        batch_size=args.batch_size, lr=args.lr, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, scheduler=args.scheduler,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor, memory_budget=budget, rule=rule,
+        epsilon=args.epsilon, heuristics=not args.no_heuristics, seed=args.seed,
+        tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), experiment=args.experiment,
+        output_dir=str(out_dir), address=args.address or os.environ.get("RAY_ADDRESS") or None,
+        num_cpus=args.num_cpus, max_failures=args.max_failures,
+    )
+    print(data.summary())
+    print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
+          f"{args.scheduler}; outputs -> {settings.out}")
+    progress = _Progress(args.trials)
+    result = run_search(data, space, settings, info, on_event=progress)
+    _print_result(result)
+    return 0
+
+
+def _spec_overrides(spec, args):
+    from dataclasses import replace
+
+    changes = {}
+    if args.max_dim is not None:
+        changes["max_dim"] = args.max_dim
+    if args.min_dim is not None:
+        changes["min_dim"] = args.min_dim
+    if args.grid is not None:
+        changes["grid"] = args.grid
+    try:
+        return replace(spec, **changes) if changes else spec
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UsageError(f"output directory '{out_dir}' is not writable; choose another with --output-dir")
+
+
+class _Progress:
+    """Live progress line per finished trial: counts, best AUC so far, front size."""
+
+    def __init__(self, trials: int):
+        self.trials = trials
+        self.counts = {"completed": 0, "stopped_early": 0, "failed": 0}
+        self.running: set[str] = set()
+        self.points: list[tuple[float, int]] = []
+
+    def __call__(self, kind: str, trial, result) -> None:
+        if kind == "start":
+            self.running.add(trial.trial_id)
+            return
+        if kind == "result":
+            return
+        self.running.discard(trial.trial_id)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if kind == "completed" and result:
+            self.points.append((float(result["best_val_auc"]), int(result["model_bytes"])))
+        best = max((a for a, _ in self.points), default=math.nan)
+        front = sum(
+            1 for a, b in self.points if not any((a2 >= a and b2 <= b) and (a2 > a or b2 < b) for a2, b2 in self.points)
+        )
+        label = trial.config.get("heuristic") or ""
+        done = sum(self.counts.values())
+        print(f"[{done:3d} finished] completed {self.counts['completed']}  stopped early {self.counts['stopped_early']}"
+              f"  failed {self.counts['failed']}  running {len(self.running)}  best AUC {best:.4f}  front {front}"
+              f"   <- {trial.trial_id} {kind}{' (' + label + ')' if label else ''}", flush=True)
+
+
+def _print_result(result) -> None:
+    from .report import front_frame
+
+    frame = front_frame(result)
+    cols = ["label", "on_front", "recommended", "best_val_auc", "model_bytes"] + [c for c in frame if c.startswith("dim.")]
+    print()
+    print("Pareto front and heuristic baselines (validation AUC, fp32 model bytes):")
+    print(frame[cols].to_string(index=False))
+    print()
+    rec = result.recommended
+    print(f"recommended: trial {rec['trial_id']}  val AUC {rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}")
+    print("  dims: " + ", ".join(f"{k}={v}" for k, v in rec["dims"].items()))
+    print(f"hypervolume {result.hypervolume:.5f} (reference AUC {result.reference[0]}, bytes {result.reference[1]:,.0f})")
+    print(f"wall time {result.seconds:.1f} s; MLflow parent run {result.parent_run_id}")
+    print(f"recommended config: {result.recipe_path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="embsize", description="Measure how big each categorical feature's embedding should be.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("search", help="search per-feature embedding dims (Ray Tune + Optuna + MLflow)")
+    _data_args(s)
+    g = s.add_argument_group("search")
+    g.add_argument("--trials", type=int, default=24, help="sampled trials (heuristic baselines run in addition)")
+    g.add_argument("--max-epochs", type=int, default=10, help="full training budget per trial")
+    g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (0 = off)")
+    g.add_argument("--batch-size", type=int, default=1024)
+    g.add_argument("--lr", type=float, default=3e-3, help="learning rate when the spec does not search it")
+    g.add_argument("--scheduler", default="asha", choices=("asha", "fifo"), help="early stopping of weak trials")
+    g.add_argument("--grace-period", type=int, default=2, help="epochs before a trial may be stopped")
+    g.add_argument("--reduction-factor", type=float, default=3, help="ASHA's eta")
+    g.add_argument("--spec", help="YAML search spec: pin/narrow features, drop knobs")
+    g.add_argument("--min-dim", type=int, help="smallest dim searched (default 1)")
+    g.add_argument("--max-dim", type=int, help="global cap on any dim (default 64)")
+    g.add_argument("--grid", choices=("log", "pow2"), help="dims on a log scale (default) or powers of two")
+    g.add_argument("--memory-budget", help="hard cap on model bytes (e.g. 2MB); also picks the best model under it")
+    g.add_argument("--knee", action="store_true", help="recommend the knee of the front")
+    g.add_argument("--epsilon", type=float, default=0.002, help="recommend the smallest model within this AUC of the best")
+    g.add_argument("--no-heuristics", action="store_true", help="skip the rule-of-thumb baselines")
+    g.add_argument("--name", help="search name (output folder, Ray experiment, Optuna study, MLflow run)")
+    g.add_argument("--output-dir", default="embsize-out", help="where search outputs go (default ./embsize-out)")
+    r = s.add_argument_group("resources and tracking")
+    r.add_argument("--cpus-per-trial", type=float, default=1)
+    r.add_argument("--gpus-per-trial", type=float, default=0, help="fraction or whole number of GPUs per trial")
+    r.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / cpus-per-trial)")
+    r.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    r.add_argument("--address", help="Ray cluster address (auto | HOST:PORT); default $RAY_ADDRESS or a local Ray")
+    r.add_argument("--max-failures", type=int, default=1, help="retries of a trial whose worker died")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns SQLite)")
+    r.add_argument("--experiment", default="embsize", help="MLflow experiment name")
+    s.set_defaults(func=cmd_search, rule_budget=True)
+
+    t = sub.add_parser("train", help="train one config and print validation/test AUC and bytes")
+    _data_args(t)
+    g = t.add_argument_group("model and training")
+    g.add_argument("--config", help="a recommended.yaml from `embsize search` (dims and hyperparameters)")
+    g.add_argument("--dims", help="per-feature dims, e.g. user_id=16,item_id=16")
+    g.add_argument("--default-dim", type=int, default=16, help="dim of features not in --dims")
+    g.add_argument("--hidden", default="64,32", help="MLP widths")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--patience", type=int, default=3)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--batch-size", type=int, default=1024)
+    g.add_argument("--threads", type=int, help="torch threads")
+    g.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large tables)")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"embsize: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("embsize: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Run one search: MLflow parent run -> Ray Tune (Optuna sampling, ASHA stopping) -> front -> recommendation.
+
+The outputs of a search named NAME go to OUT/NAME/: recommended.yaml, front.csv, trials.csv, pareto.png,
+summary.json, the Optuna study journal (optuna.journal) and Ray Tune's experiment folder (ray/).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipelines import EncodedDataset
+from pipelines.recipe import Recipe, write_atomic
+
+from .heuristics import HEURISTICS, heuristic_dims
+from .pareto import hypervolume, non_dominated
+from .recommend import recommend
+from .space import SearchSpace
+from .trial import TrialSettings, run_trial, train_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    name: str  # experiment name: output folder, Ray experiment, Optuna study, MLflow parent run name
+    trials: int = 24  # sampled trials (heuristic baselines run in addition)
+    max_epochs: int = 12  # full training budget of a trial
+    patience: int = 3  # early-stopping patience (epochs without better val AUC)
+    batch_size: int = 1024
+    lr: float = 3e-3  # when lr is not searched
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    max_concurrent: int | None = None  # None: as many as the cluster's CPUs allow
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 2  # epochs before the scheduler may stop a trial
+    reduction_factor: float = 3  # ASHA's eta: keep the top 1/eta at each rung
+    memory_budget: int | None = None  # hard cap on model bytes: configs above are never trained
+    rule: str = "epsilon"  # epsilon | knee | budget
+    epsilon: float = 0.002  # epsilon rule: smallest model within epsilon AUC of the best
+    heuristics: bool = True  # evaluate the rule-of-thumb baselines in the same search
+    seed: int = 0
+    tracking_uri: str = ""  # resolved MLflow URI
+    experiment: str = "embsize"  # MLflow experiment
+    output_dir: str = "embsize-out"
+    address: str | None = None  # Ray cluster address; None starts a local Ray
+    num_cpus: int | None = None  # CPUs of a local Ray (None: all)
+    max_failures: int = 1  # retries of a trial whose worker died
+    sparse: bool = False
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+
+@dataclass
+class SearchResult:
+    name: str
+    out: Path
+    trials: list[dict]  # one record per trial
+    front: list[dict]  # completed, non-dominated trials by (best_val_auc, model_bytes)
+    recommended: dict
+    recipe_path: Path
+    hypervolume: float
+    reference: tuple[float, float]
+    parent_run_id: str
+    study_name: str
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def heuristic_configs(data: EncodedDataset, space: SearchSpace, budget: int | None) -> dict[str, dict]:
+    counts = {f.name: data.counts(f.name) for f in data.features}
+    configs = {}
+    for rule, dims in heuristic_dims(data.features, counts).items():
+        config = space.encode(dims)
+        if budget is not None and space.bytes(config) > budget:
+            log.info("heuristic %s needs %d bytes, over the memory budget: not trained", rule, space.bytes(config))
+            continue
+        configs[rule] = config
+    return configs
+
+
+def reference_point(space: SearchSpace, heuristics: dict[str, dict]) -> tuple[float, float]:
+    """Fixed per space: chance AUC, and twice the largest model the search could train."""
+    largest = max([space.max_bytes(), *(space.bytes(c) for c in heuristics.values())])
+    return 0.5, 2.0 * largest
+
+
+def run_search(
+    data: EncodedDataset,
+    space: SearchSpace,
+    settings: SearchSettings,
+    dataset_info: dict | None = None,
+    on_event: Callable | None = None,
+) -> SearchResult:
+    import optuna
+    import ray
+    from ray import tune
+
+    from . import tracking
+    from .schedulers import make_scheduler
+    from .searcher import DimSearch
+
+    started = time.perf_counter()
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
+    c = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(c, settings.experiment, uri)
+    parent = c.create_run(exp_id, run_name=settings.name, tags={"embsize.kind": "search", "embsize.name": settings.name})
+    parent_id = parent.info.run_id
+    info = dataset_info or {}
+    c.log_batch(
+        parent_id,
+        params=[
+            *_params({f"search.{k}": v for k, v in asdict(settings).items() if k != "tracking_uri"}),
+            *_params({"dataset.fingerprint": data.fingerprint, "dataset.name": data.name}),
+            *_params({f"dataset.cardinality.{f.name}": f.cardinality for f in data.features}),
+            *_params({f"dataset.{k}": v for k, v in info.items()}),
+        ],
+    )
+    try:
+        heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
+        if not ray.is_initialized():
+            ray.init(
+                address=settings.address,
+                num_cpus=settings.num_cpus if settings.address is None else None,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=True,
+            )
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+        searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
+        scheduler = make_scheduler(settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
+        trial_settings = TrialSettings(
+            settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
+            settings.cpus_per_trial, settings.sparse,
+        )
+        trainable = tune.with_parameters(run_trial, data=data, space=space, settings=trial_settings)
+        resources = {"cpu": settings.cpus_per_trial}
+        if settings.gpus_per_trial:
+            resources["gpu"] = settings.gpus_per_trial
+        trainable = tune.with_resources(trainable, resources)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
+        runs = tracking.TrialRuns(uri, exp_id, parent_id, on_event)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=settings.trials + len(heuristics),
+                max_concurrent_trials=concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=str(out / "ray"),
+                callbacks=[runs],
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            ),
+        )
+        grid = tuner.fit()
+        records = _records(grid, space, runs.runs)
+        ref = reference_point(space, heuristics)
+        result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
+        result.seconds = time.perf_counter() - started
+        _log_parent(c, parent_id, result)
+        c.set_terminated(parent_id, "FINISHED")
+        return result
+    except BaseException:
+        c.set_terminated(parent_id, "FAILED")
+        raise
+
+
+def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
+    from .tracking import trial_outcome
+
+    records = []
+    for r in grid:
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id") or (r.path and Path(r.path).name)
+        config = r.config or {}
+        model_cfg, _ = space.decode(config)
+        records.append(
+            {
+                "trial_id": metrics.get("trial_id", ""),
+                "heuristic": config.get("heuristic", ""),
+                "outcome": trial_outcome(metrics, r.error is not None),
+                "best_val_auc": float(metrics.get("best_val_auc", math.nan)),
+                "model_bytes": int(space.bytes(config)),
+                "embedding_bytes": int(metrics.get("embedding_bytes", 0)),
+                "epochs": int(metrics.get("epoch", 0)),
+                "ended": metrics.get("ended", ""),
+                "dims": dict(model_cfg.dims),
+                "config": {k: v for k, v in config.items()},
+                "run_id": run_ids.get(metrics.get("trial_id", ""), ""),
+                "error": str(r.error).splitlines()[0] if r.error is not None else "",
+            }
+        )
+    return records
+
+
+def _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info) -> SearchResult:
+    done = [r for r in records if r["outcome"] == "completed" and math.isfinite(r["best_val_auc"])]
+    if not done:
+        raise RuntimeError(
+            f"no trial of search '{settings.name}' completed (see {settings.out / 'trials.csv'}); "
+            "check the trial errors in MLflow or raise --trials"
+        )
+    auc = np.array([r["best_val_auc"] for r in done])
+    size = np.array([r["model_bytes"] for r in done], dtype=float)
+    mask = non_dominated(auc, size)
+    for r, m in zip(done, mask):
+        r["on_front"] = bool(m)
+    front = sorted((r for r in done if r["on_front"]), key=lambda r: r["model_bytes"])
+    pick = done[recommend(auc, size, rule=settings.rule, epsilon=settings.epsilon, budget=settings.memory_budget)]
+    hv = hypervolume(auc[mask], size[mask], ref_auc=ref[0], ref_bytes=ref[1])
+    out = settings.out
+    model_cfg, overrides = space.decode(pick["config"])
+    ts = TrialSettings(settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed)
+    recipe = Recipe(
+        data.features,
+        model_cfg,
+        train_config(ts, overrides),
+        dataset={"name": data.name, "fingerprint": data.fingerprint, **info},
+        expected={
+            "val_auc": pick["best_val_auc"],
+            "model_bytes": pick["model_bytes"],
+            "embedding_bytes": pick["embedding_bytes"],
+            "epochs": pick["epochs"],
+        },
+        provenance={
+            "search": settings.name,
+            "trial_id": pick["trial_id"],
+            "rule": settings.rule if settings.rule != "epsilon" else f"epsilon={settings.epsilon}",
+            "mlflow": {"tracking_uri": _redact(uri), "experiment_id": exp_id, "parent_run_id": parent_id,
+                       "trial_run_id": pick["run_id"]},
+        },
+    )
+    recipe_path = recipe.save(out / "recommended.yaml")
+    result = SearchResult(
+        settings.name, out, records, front, pick, recipe_path, hv, ref, parent_id, settings.name, 0.0
+    )
+    _write_tables(result)
+    return result
+
+
+def _write_tables(result: SearchResult) -> None:
+    from .report import front_frame, plot_front, trials_frame
+
+    out = result.out
+    write_atomic(out / "trials.csv", trials_frame(result.trials).to_csv(index=False))
+    write_atomic(out / "front.csv", front_frame(result).to_csv(index=False))
+    plot_front(result, out / "pareto.png")
+    summary = {
+        "name": result.name,
+        "hypervolume": result.hypervolume,
+        "reference": {"auc": result.reference[0], "model_bytes": result.reference[1]},
+        "recommended": {k: result.recommended[k] for k in ("trial_id", "best_val_auc", "model_bytes", "dims")},
+        "front_size": len(result.front),
+        "trials": len(result.trials),
+        "completed": sum(r["outcome"] == "completed" for r in result.trials),
+        "stopped_early": sum(r["outcome"] == "stopped_early" for r in result.trials),
+        "failed": sum(r["outcome"] == "failed" for r in result.trials),
+        "epochs_trained": sum(r["epochs"] for r in result.trials),
+        "parent_run_id": result.parent_run_id,
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+
+
+def _log_parent(c, parent_id: str, result: SearchResult) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    s = json.loads((result.out / "summary.json").read_text())
+    metrics = {
+        "hypervolume": result.hypervolume,
+        "front_size": len(result.front),
+        "recommended_val_auc": result.recommended["best_val_auc"],
+        "recommended_model_bytes": result.recommended["model_bytes"],
+        "trials_completed": s["completed"],
+        "trials_stopped_early": s["stopped_early"],
+        "trials_failed": s["failed"],
+        "epochs_trained": s["epochs_trained"],
+        "wall_seconds": result.seconds,
+    }
+    c.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    c.set_tag(parent_id, "recommended_trial", result.recommended["trial_id"])
+    for name in ("recommended.yaml", "front.csv", "trials.csv", "pareto.png", "summary.json"):
+        c.log_artifact(parent_id, str(result.out / name))
+
+
+def _params(d: dict):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in d.items()]
+
+
+def _redact(uri: str) -> str:
+    """Drop user:password@ from a URI so credentials never land in a file."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return uri

@@ -1,0 +1,30 @@
+"""Trial schedulers by name. Heuristic baselines are never stopped early: they are reference points on the front."""
+from __future__ import annotations
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+SCHEDULERS = ("asha", "fifo")
+
+
+class BaselineAwareASHA(ASHAScheduler):
+    """Ray's ASHA on best val AUC, except that heuristic-baseline trials always continue to their full budget."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.config.get("heuristic"):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_factor: float = 3) -> TrialScheduler:
+    if kind == "fifo":
+        return FIFOScheduler()
+    if kind == "asha":
+        return BaselineAwareASHA(
+            time_attr="training_iteration",
+            metric="best_val_auc",
+            mode="max",
+            max_t=max_epochs,
+            grace_period=min(grace_period, max_epochs),
+            reduction_factor=reduction_factor,
+        )
+    raise ValueError(f"scheduler is {kind!r}, but must be one of {', '.join(SCHEDULERS)}")

@@ -1,0 +1,129 @@
+"""Ray's OptunaSearch, made correct for a multi-objective search with early stopping and heuristic baselines.
+
+What Ray's OptunaSearch does not do, and this subclass adds:
+- A trial stopped early by the scheduler reaches Ray as "complete" with half-trained metrics; Ray would tell Optuna
+  it COMPLETED, poisoning the sampler and the front. Here it is told PRUNED. Only trials whose last result says
+  ``final`` (trained to the full budget or to their own early-stopping convergence) are told COMPLETE.
+- A memory budget is a hard constraint: a sampled config over budget is told to Optuna as FAIL (user attr
+  ``rejected``) and never reaches a worker.
+- Heuristic baselines (√n, fastai, ...) run first as labelled trials; when their config lies inside the sampled space
+  they are added to the study as completed warm-start points once trained.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping
+
+from ray.tune.search.optuna import OptunaSearch
+
+from .space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+METRICS = ["best_val_auc", "model_bytes"]
+MODES = ["max", "min"]
+MAX_REJECTS = 200  # over-budget samples in a row before falling back to shrinking a sample into the budget
+
+
+class DimSearch(OptunaSearch):
+    def __init__(
+        self,
+        space: SearchSpace,
+        heuristics: Mapping[str, dict] | None = None,
+        budget: int | None = None,
+        seed: int = 0,
+        storage=None,
+        study_name: str = "embsize",
+    ):
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+        super().__init__(
+            space=space.distributions(),
+            metric=list(METRICS),
+            mode=list(MODES),
+            sampler=sampler,
+            storage=storage,
+            study_name=study_name,
+        )
+        self.dim_space = space
+        self.budget = budget
+        self._queue = list((heuristics or {}).items())
+        self._configs: dict[str, dict] = {}
+
+    @property
+    def study(self):
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id in self._configs:  # Ray may ask again for a restored trial
+            return self._configs[trial_id]
+        if self._queue:
+            name, config = self._queue.pop(0)
+            config = {**config, "heuristic": name}
+        else:
+            config = self._sample_within_budget(trial_id)
+        self._configs[trial_id] = config
+        return config
+
+    def _sample_within_budget(self, trial_id: str) -> dict:
+        import optuna
+
+        for attempt in range(MAX_REJECTS + 1):
+            config = super().suggest(trial_id)
+            if self.budget is None or self.dim_space.bytes(config) <= self.budget:
+                return config
+            ot_trial = self._ot_trials.pop(trial_id)
+            ot_trial.set_user_attr("rejected", f"model bytes {self.dim_space.bytes(config)} over budget {self.budget}")
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            if attempt == MAX_REJECTS - 1:
+                # The sampler keeps proposing infeasible configs: enqueue the last one shrunk into the budget.
+                self._ot_study.enqueue_trial(self.dim_space.shrink(config, self.budget))
+        raise RuntimeError("could not sample a config within the memory budget")  # unreachable: shrink() fits
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        if trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        config = self._configs.get(trial_id, {})
+        final = bool(result and result.get("final")) and not error
+        values = _values(result) if final else None
+        if config.get("heuristic"):
+            if values is not None and self.dim_space.contains(config):
+                params = {k: config[k] for k in self.dim_space.distributions()}
+                trial = optuna.trial.create_trial(
+                    params=params,
+                    distributions=self.dim_space.distributions(),
+                    values=values,
+                    user_attrs={"heuristic": config["heuristic"], "ray_trial_id": trial_id},
+                )
+                self._ot_study.add_trial(trial)
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        ot_trial.set_user_attr("ray_trial_id", trial_id)
+        if result:
+            ot_trial.set_user_attr("epochs", int(result.get("epoch", 0)))
+        if error or (final and values is None):
+            ot_trial.set_user_attr("outcome", "failed")
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        elif final:
+            ot_trial.set_user_attr("outcome", "completed")
+            ot_trial.set_user_attr("ended", str(result.get("ended", "")))
+            self._ot_study.tell(ot_trial, values)
+        else:
+            ot_trial.set_user_attr("outcome", "stopped_early")
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def _values(result: dict | None) -> list[float] | None:
+    if not result:
+        return None
+    values = [result.get(m) for m in METRICS]
+    if any(v is None or not math.isfinite(float(v)) for v in values):
+        return None
+    return [float(v) for v in values]
