@@ -1,0 +1,179 @@
+"""A CSV/TSV (optionally compressed) or Parquet table as a RawDataset: the named feature columns plus a label."""
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .schema import Feature, LabelRule, RawDataset, binarize_label
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")  # what pandas infers from the file name
+PARQUET_SUFFIXES = (".parquet", ".pq")
+DELIMITERS = (",", "\t", ";", "|")  # candidates when the delimiter is detected
+
+
+def table_format(path: Path) -> str | None:
+    """'csv', 'parquet', or None when the suffix is not a supported table format."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return "csv" if suffixes and suffixes[-1] in TEXT_SUFFIXES else None
+
+
+def supported_formats() -> str:
+    return (
+        f"{', '.join(TEXT_SUFFIXES)} (optionally compressed: {', '.join(COMPRESSION_SUFFIXES)}) "
+        f"and Parquet ({', '.join(PARQUET_SUFFIXES)})"
+    )
+
+
+def load_table(
+    path: str | Path,
+    label: str,
+    features: Sequence[str],
+    multi: Sequence[str] = (),
+    sep: str = "|",
+    threshold: float | None = None,
+    time: str | None = None,
+    buckets: dict[str, tuple[float, ...]] | None = None,
+    delimiter: str | None = None,
+) -> RawDataset:
+    """Read only ``features``, ``label`` and ``time`` from the table at ``path``.
+
+    ``multi`` names the multi-valued features (cells split on ``sep``); ``buckets`` maps numeric features to bucket
+    edges; ``threshold`` binarizes a numeric label (``>= threshold`` is positive); ``delimiter`` is detected when
+    not given (tab for .tsv).
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"table file '{path}' does not exist; check the path")
+    fmt = table_format(path)
+    if fmt is None:
+        suffix = "".join(path.suffixes) or "(none)"
+        raise ValueError(f"file '{path}' has suffix '{suffix}', which is not a table format; supported: {supported_formats()}")
+    buckets = dict(buckets or {})
+    _check_columns(label, list(features), list(multi), time, buckets)
+    needed = list(dict.fromkeys([*features, label, *([time] if time else [])]))
+    if fmt == "parquet":
+        frame, delim = _read_parquet(path, needed), None
+    else:
+        try:
+            delim = _delimiter(path, delimiter)
+            frame = _read_csv(path, needed, delim, text=[f for f in features if f not in buckets])
+        except pd.errors.EmptyDataError as e:
+            raise ValueError(f"table file '{path}' is empty; give a file with a header row") from e
+    y = binarize_label(frame[label], LabelRule(label, threshold))
+    for name in features:
+        _check_learnable(frame[name], name, name in buckets)
+    specs = tuple(Feature(n, multi=n in multi, sep=sep, buckets=buckets.get(n)) for n in features)
+    meta = {"source": str(path), "format": fmt, "delimiter": delim, "label": label, "threshold": threshold}
+    log.info("loaded %s: %d rows, positive rate %.3f", path, len(y), y.mean() if len(y) else float("nan"))
+    return RawDataset(
+        path.name.split(".")[0], frame[list(features)].reset_index(drop=True), specs, y,
+        time=_time(frame[time], time) if time else None, meta=meta,
+    )
+
+
+def _check_columns(label: str, features: list[str], multi: list[str], time: str | None, buckets: dict) -> None:
+    if not features:
+        raise ValueError("no feature columns given; name them, e.g. --features user_id,item_id")
+    dupes = sorted({f for f in features if features.count(f) > 1})
+    if dupes:
+        raise ValueError(f"feature '{dupes[0]}' is listed twice in the features; list each column once")
+    if label in features:
+        raise ValueError(f"label column '{label}' is also listed as a feature; remove it from the features")
+    if time is not None and time == label:
+        raise ValueError(f"time column '{time}' is also the label column; give a timestamp column")
+    for kind, names in (("multi-valued", multi), ("bucketed", list(buckets))):
+        for name in names:
+            if name not in features:
+                raise ValueError(f"{kind} column '{name}' is not among the features; add it to the features")
+    for name, edges in buckets.items():
+        if name in multi:
+            raise ValueError(f"feature '{name}' is multi-valued and cannot also be bucketed; choose one")
+        if len(edges) == 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"bucket edges for '{name}' are {tuple(edges)}, but must be non-empty and increasing")
+
+
+def _delimiter(path: Path, given: str | None) -> str:
+    if given is not None:
+        return {"\\t": "\t", "tab": "\t"}.get(given, given)  # a shell passes "\t" as two characters
+    if ".tsv" in (s.lower() for s in path.suffixes):
+        return "\t"
+    # the first lines as whole strings (a separator that never occurs), read through pandas so compression works
+    head = pd.read_csv(
+        path, sep="\x1f", header=None, nrows=20, dtype=str, quoting=csv.QUOTE_NONE, skip_blank_lines=True,
+        keep_default_na=False,
+    )
+    sample = "\n".join(head.iloc[:, 0])
+    try:
+        return csv.Sniffer().sniff(sample, delimiters="".join(DELIMITERS)).delimiter
+    except csv.Error:  # nothing consistent, e.g. a single column
+        return ","
+
+
+def _read_csv(path: Path, needed: list[str], delim: str, text: list[str]) -> pd.DataFrame:
+    columns = list(pd.read_csv(path, sep=delim, nrows=0).columns)
+    _check_present(path, needed, columns, delim)
+    # categorical columns as text, so ids like "00123" keep their leading zeros
+    try:
+        return pd.read_csv(path, sep=delim, usecols=needed, dtype={c: str for c in text})
+    except pd.errors.ParserError as e:
+        raise ValueError(f"could not parse '{path}' with delimiter {delim!r}: {e}; check --delimiter") from e
+
+
+def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    _check_present(path, needed, pq.read_schema(path).names, None)
+    return pd.read_parquet(path, columns=needed)
+
+
+def _check_present(path: Path, needed: list[str], columns: list[str], delim: str | None) -> None:
+    missing = [c for c in needed if c not in columns]
+    if not missing:
+        return
+    message = f"column '{missing[0]}' is not in '{path.name}'; available columns: {', '.join(map(str, columns))}"
+    if delim is not None and len(columns) == 1:
+        others = [d for d in DELIMITERS if d != delim and d in str(columns[0])]
+        if others:
+            message += (
+                f". The header parsed as one column that contains {others[0]!r}, so the delimiter {delim!r} looks "
+                f"wrong; pass --delimiter {others[0]!r}"
+            )
+    raise ValueError(message)
+
+
+def _check_learnable(values: pd.Series, name: str, numeric: bool) -> None:
+    if numeric:
+        parsed = pd.to_numeric(values, errors="coerce")
+        bad = values[parsed.isna() & values.notna()]
+        if len(bad):
+            raise ValueError(f"bucketed feature '{name}' holds non-numeric value {bad.iloc[0]!r}; give a numeric column")
+    distinct = values.nunique(dropna=True)
+    if distinct <= 1:
+        only = f"only the value {values.dropna().iloc[0]!r}" if distinct else "only missing values"
+        raise ValueError(f"feature '{name}' has {only}, so it cannot be learned; drop it from the features")
+
+
+def _time(values: pd.Series, name: str) -> np.ndarray:
+    """A timestamp column as int64: numbers as they are, dates/times as Unix seconds."""
+    if values.isna().any():
+        raise ValueError(f"time column '{name}' has {int(values.isna().sum())} missing values; fill or drop those rows")
+    numbers = pd.to_numeric(values, errors="coerce")  # also digits read as text (a time column that is a feature)
+    if numbers.notna().all():
+        return numbers.to_numpy().astype(np.int64)
+    try:
+        stamps = pd.to_datetime(values, utc=True)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"time column '{name}' holds {values.iloc[0]!r}, neither a number nor a date; {e}") from e
+    return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)

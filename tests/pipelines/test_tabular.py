@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import prepare
+from pipelines.tabular import load_table, table_format
+
+
+@pytest.fixture
+def table() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 200
+    return pd.DataFrame(
+        {
+            "user": [f"{u:05d}" for u in rng.integers(0, 20, n)],  # zero-padded ids must stay text
+            "item": rng.integers(0, 30, n),
+            "tags": rng.choice(["a|b", "b", "c|a", ""], n),
+            "age": rng.integers(10, 70, n),
+            "rating": rng.integers(1, 6, n),
+            "ts": np.arange(n) * 10,
+            "unused": rng.random(n),
+        }
+    )
+
+
+def _load(path: Path, **kw):
+    args = dict(label="rating", features=["user", "item", "tags"], multi=["tags"], threshold=4, time="ts")
+    return load_table(path, **{**args, **kw})
+
+
+def test_load_table_csv_features_label_time(table, tmp_path):
+    path = tmp_path / "events.csv"
+    table.to_csv(path, index=False)
+    raw = _load(path)
+    assert raw.name == "events"
+    assert list(raw.frame.columns) == ["user", "item", "tags"]  # only the features, not "unused"
+    assert [f.name for f in raw.features if f.multi] == ["tags"]
+    assert raw.frame["user"].iloc[0] == table["user"].iloc[0] and raw.frame["user"].str.len().eq(5).all()
+    assert raw.label.dtype == np.float32
+    assert np.array_equal(raw.label, (table["rating"] >= 4).to_numpy(np.float32))
+    assert raw.time.dtype == np.int64 and np.array_equal(raw.time, table["ts"].to_numpy())
+    assert raw.meta["source"] == str(path.resolve()) and raw.meta["delimiter"] == ","
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zip"])
+def test_load_table_compressed_csv_equals_plain(table, tmp_path, suffix):
+    table.to_csv(tmp_path / "t.csv", index=False)
+    table.to_csv(tmp_path / f"t{suffix}", index=False)
+    a, b = _load(tmp_path / "t.csv"), _load(tmp_path / f"t{suffix}")
+    assert a.frame.equals(b.frame) and np.array_equal(a.label, b.label)
+
+
+@pytest.mark.parametrize("name,delim", [("t.tsv", "\t"), ("t.txt", ";"), ("t.csv", "|"), ("t.tsv.gz", "\t")])
+def test_load_table_detects_delimiter(table, tmp_path, name, delim):
+    frame = table.assign(tags=table["tags"].str.replace("|", "/")) if delim == "|" else table
+    frame.to_csv(tmp_path / name, index=False, sep=delim)
+    raw = _load(tmp_path / name, multi=(), sep="/")
+    assert raw.meta["delimiter"] == delim and len(raw) == len(table)
+
+
+def test_load_table_multi_valued_cells_do_not_fool_detection(table, tmp_path):
+    table.to_csv(tmp_path / "t.csv", index=False)  # "a|b" cells in a comma-separated file
+    assert _load(tmp_path / "t.csv").meta["delimiter"] == ","
+
+
+def test_load_table_explicit_delimiter_accepts_backslash_t(table, tmp_path):
+    table.to_csv(tmp_path / "t.txt", index=False, sep="\t")
+    assert _load(tmp_path / "t.txt", delimiter="\\t").meta["delimiter"] == "\t"
+
+
+def test_load_table_parquet(table, tmp_path):
+    table.to_parquet(tmp_path / "t.parquet")
+    raw = _load(tmp_path / "t.parquet", buckets={"item": (10, 20)})
+    assert raw.meta["format"] == "parquet" and len(raw) == len(table)
+    assert raw.feature("item").buckets == (10, 20)
+    assert raw.frame["user"].tolist() == table["user"].tolist()
+
+
+def test_load_table_datetime_time_column_becomes_unix_seconds(table, tmp_path):
+    table.assign(ts=pd.date_range("2020-01-01", periods=len(table), freq="h").astype(str)).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    raw = _load(tmp_path / "t.csv")
+    assert raw.time[0] == 1577836800 and raw.time[1] - raw.time[0] == 3600
+
+
+def test_load_table_label_without_threshold(table, tmp_path):
+    table.assign(clicked=(table["rating"] >= 3).astype(int)).to_csv(tmp_path / "t.csv", index=False)
+    raw = _load(tmp_path / "t.csv", label="clicked", threshold=None)
+    assert set(np.unique(raw.label)) == {0.0, 1.0}
+
+
+def test_load_table_prepare_end_to_end(table, tmp_path):
+    table.to_csv(tmp_path / "t.csv.gz", index=False)
+    data = prepare(_load(tmp_path / "t.csv.gz", features=["user", "item", "tags", "age"], buckets={"age": (30, 50)}),
+                   split="temporal")
+    info = {f.name: f for f in data.features}
+    assert info["tags"].multi and info["tags"].cardinality == 4  # unknown + a, b, c
+    assert info["age"].cardinality == 4  # unknown + <30, [30, 50), >=50
+    assert len(data.train) + len(data.val) + len(data.test) == len(table)
+
+
+# --- bad inputs: each message names the value and the fix
+
+
+def test_load_table_missing_file_names_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"table file '{tmp_path / 'nope.csv'}' does not exist")):
+        load_table("nope.csv", "rating", ["user"])
+
+
+def test_load_table_unknown_suffix_lists_supported(tmp_path):
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"suffix '\.json', which is not a table format; supported: \.csv.*\.gz.*\.parquet"):
+        load_table(tmp_path / "t.json", "rating", ["user"])
+
+
+def test_load_table_missing_column_lists_available(table, tmp_path):
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"column 'movie' is not in 't\.csv'; available columns: user, item, tags, age"):
+        _load(tmp_path / "t.csv", features=["user", "movie"], multi=())
+
+
+def test_load_table_missing_column_in_parquet(table, tmp_path):
+    table.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"column 'clicked' is not in 't\.parquet'; available columns: user"):
+        _load(tmp_path / "t.parquet", label="clicked")
+
+
+def test_load_table_wrong_delimiter_is_diagnosed(table, tmp_path):
+    table.to_csv(tmp_path / "t.csv", index=False, sep=";")
+    with pytest.raises(ValueError, match=r"header parsed as one column that contains ';'.*pass --delimiter ';'"):
+        _load(tmp_path / "t.csv", delimiter=",")
+
+
+def test_load_table_constant_label(table, tmp_path):
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match="label column 'rating' is constant"):
+        _load(tmp_path / "t.csv", threshold=10)
+
+
+def test_load_table_non_binary_label_needs_threshold(table, tmp_path):
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"'rating' has 5 distinct values, not 2; give a threshold"):
+        _load(tmp_path / "t.csv", threshold=None)
+
+
+def test_load_table_single_valued_feature_is_refused(table, tmp_path):
+    table.assign(country="NL").to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"feature 'country' has only the value 'NL', so it cannot be learned; drop it"):
+        _load(tmp_path / "t.csv", features=["user", "country"], multi=())
+
+
+def test_load_table_all_missing_feature_is_refused(table, tmp_path):
+    table.assign(empty="").to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"feature 'empty' has only missing values"):
+        _load(tmp_path / "t.csv", features=["user", "empty"], multi=())
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(features=[]), r"no feature columns given"),
+        (dict(features=["user", "user"], multi=()), r"feature 'user' is listed twice"),
+        (dict(features=["user", "rating"], multi=()), r"label column 'rating' is also listed as a feature"),
+        (dict(multi=["genre"]), r"multi-valued column 'genre' is not among the features"),
+        (dict(buckets={"age": (1, 2)}), r"bucketed column 'age' is not among the features"),
+        (dict(buckets={"item": (5, 5)}), r"bucket edges for 'item' are \(5, 5\), but must be non-empty and increasing"),
+        (dict(buckets={"user": (1,)}, features=["user", "tags"]), None),  # zero-padded digits are numbers: fine
+        (dict(buckets={"tags": (1,)}), r"'tags' is multi-valued and cannot also be bucketed"),
+        (dict(time="rating"), r"time column 'rating' is also the label column"),
+    ],
+)
+def test_load_table_refuses_inconsistent_arguments(table, tmp_path, kw, message):
+    table.to_csv(tmp_path / "t.csv", index=False)
+    if message is None:
+        assert len(_load(tmp_path / "t.csv", **kw)) == len(table)
+        return
+    with pytest.raises(ValueError, match=message):
+        _load(tmp_path / "t.csv", **kw)
+
+
+def test_load_table_non_numeric_bucketed_feature(table, tmp_path):
+    table.assign(age=table["age"].astype(str).where(table.index > 0, "old")).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"bucketed feature 'age' holds non-numeric value 'old'"):
+        _load(tmp_path / "t.csv", features=["user", "age"], multi=(), buckets={"age": (30,)})
+
+
+def test_load_table_empty_file(tmp_path):
+    (tmp_path / "t.csv").write_text("")
+    with pytest.raises(ValueError, match=r"is empty; give a file with a header row"):
+        load_table(tmp_path / "t.csv", "rating", ["user"])
+
+
+@pytest.mark.parametrize(
+    "name,fmt",
+    [("a.csv", "csv"), ("a.CSV.GZ", "csv"), ("a.tsv.zst", "csv"), ("a.b.parquet", "parquet"), ("a.pq", "parquet"),
+     ("a.gz", None), ("a.zip", None), ("a.json", None), ("a", None)],
+)
+def test_table_format_by_suffix(name, fmt):
+    assert table_format(Path(name)) == fmt
