@@ -95,7 +95,8 @@ def _locate(root: Path) -> tuple[str, Reader]:
             if all(name in files for name in required):
                 return variant, opener(files)
     expected = "; ".join(f"{v}: {', '.join(files)}" for v, files in LAYOUTS.items())
-    present = sorted({name for files in listing.values() for name in files} & {n for fs in LAYOUTS.values() for n in fs})
+    known = {name for names in LAYOUTS.values() for name in names}
+    present = sorted(known & {name for files in listing.values() for name in files})
     hint = f" (found only {', '.join(present)})" if present else ""
     raise ValueError(
         f"no MovieLens layout in '{root}'{hint}; expected these files, directly inside or in one top folder: {expected}"
@@ -156,7 +157,9 @@ def _join_flags(flags: np.ndarray, names: tuple[str, ...]) -> pd.Series:
 def _parse_1m(read: Reader) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     ratings = _dat(read("ratings.dat"), ["user_id", "item_id", "rating", "timestamp"], {})
     users = _dat(
-        read("users.dat"), ["user_id", "gender", "age", "occupation", "zip"], {"gender": str, "occupation": str, "zip": str}
+        read("users.dat"),
+        ["user_id", "gender", "age", "occupation", "zip"],
+        {"gender": str, "occupation": str, "zip": str},
     )
     movies = _dat(read("movies.dat"), ["item_id", "title", "genres"], {"title": str, "genres": str})
     items = pd.DataFrame(
@@ -170,7 +173,9 @@ def _parse_latest_small(read: Reader) -> tuple[pd.DataFrame, None, pd.DataFrame]
     ratings = ratings.rename(columns={"userId": "user_id", "movieId": "item_id"})
     movies = pd.read_csv(io.BytesIO(read("movies.csv")), dtype={"title": str, "genres": str})
     genres = movies["genres"].where(movies["genres"] != "(no genres listed)", np.nan)  # the release's "missing"
-    items = pd.DataFrame({"item_id": movies["movieId"], "genres": genres, "release_year": _year_from_title(movies["title"])})
+    items = pd.DataFrame(
+        {"item_id": movies["movieId"], "genres": genres, "release_year": _year_from_title(movies["title"])}
+    )
     return ratings[["user_id", "item_id", "rating", "timestamp"]], None, items
 
 

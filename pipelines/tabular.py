@@ -59,7 +59,9 @@ def load_table(
     fmt = table_format(path)
     if fmt is None:
         suffix = "".join(path.suffixes) or "(none)"
-        raise ValueError(f"file '{path}' has suffix '{suffix}', which is not a table format; supported: {supported_formats()}")
+        raise ValueError(
+            f"file '{path}' has suffix '{suffix}', which is not a table format; supported: {supported_formats()}"
+        )
     buckets = dict(buckets or {})
     _check_columns(label, list(features), list(multi), time, buckets)
     needed = list(dict.fromkeys([*features, label, *([time] if time else [])]))
@@ -158,7 +160,9 @@ def _check_learnable(values: pd.Series, name: str, numeric: bool) -> None:
         parsed = pd.to_numeric(values, errors="coerce")
         bad = values[parsed.isna() & values.notna()]
         if len(bad):
-            raise ValueError(f"bucketed feature '{name}' holds non-numeric value {bad.iloc[0]!r}; give a numeric column")
+            raise ValueError(
+                f"bucketed feature '{name}' holds non-numeric value {bad.iloc[0]!r}; give a numeric column"
+            )
     distinct = values.nunique(dropna=True)
     if distinct <= 1:
         only = f"only the value {values.dropna().iloc[0]!r}" if distinct else "only missing values"
