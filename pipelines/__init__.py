@@ -5,15 +5,27 @@ Never imports ``search``.
 from __future__ import annotations
 
 from .dataset import EncodedDataset, FeatureInfo, prepare
+from .download import DownloadError, fetch_movielens
 from .encode import UNKNOWN, Encoder, Vocabulary
+from .load import describe_sources, load
 from .memory import embedding_bytes, model_bytes, model_params
 from .model import EmbeddingRecommender, ModelConfig, validate_dims
+from .movielens import load_movielens
 from .schema import Feature, LabelRule, RawDataset
+from .recipe import Recipe
 from .synthetic import PlantedFeature, SyntheticSpec, generate
+from .tabular import load_table
 from .train import EpochResult, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "UNKNOWN",
+    "DownloadError",
+    "Recipe",
+    "describe_sources",
+    "fetch_movielens",
+    "load",
+    "load_movielens",
+    "load_table",
     "EmbeddingRecommender",
     "EncodedDataset",
     "Encoder",

@@ -134,7 +134,7 @@ def cmd_search(args) -> int:
     name = args.name or f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = SearchSettings(
         name=name, trials=args.trials, max_epochs=args.max_epochs, patience=args.patience,
-        batch_size=args.batch_size, lr=args.lr, cpus_per_trial=args.cpus_per_trial,
+        batch_size=args.batch_size, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, scheduler=args.scheduler,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, memory_budget=budget, rule=rule,
         epsilon=args.epsilon, heuristics=not args.no_heuristics, seed=args.seed,
@@ -161,6 +161,8 @@ def _spec_overrides(spec, args):
         changes["min_dim"] = args.min_dim
     if args.grid is not None:
         changes["grid"] = args.grid
+    if args.lr is not None:
+        changes["lr"] = args.lr
     try:
         return replace(spec, **changes) if changes else spec
     except ValueError as e:
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-epochs", type=int, default=10, help="full training budget per trial")
     g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (0 = off)")
     g.add_argument("--batch-size", type=int, default=1024)
-    g.add_argument("--lr", type=float, default=3e-3, help="learning rate when the spec does not search it")
+    g.add_argument("--lr", type=float, help="fix the learning rate (default: searched 1e-3..1e-2, see --spec)")
     g.add_argument("--scheduler", default="asha", choices=("asha", "fifo"), help="early stopping of weak trials")
     g.add_argument("--grace-period", type=int, default=2, help="epochs before a trial may be stopped")
     g.add_argument("--reduction-factor", type=float, default=3, help="ASHA's eta")

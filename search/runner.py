@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ def run_search(
     from .searcher import DimSearch
 
     started = time.perf_counter()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 below: Ray prints nothing, the CLI reports
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
@@ -188,7 +190,6 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
     records = []
     for r in grid:
         metrics = r.metrics or {}
-        trial_id = metrics.get("trial_id") or (r.path and Path(r.path).name)
         config = r.config or {}
         model_cfg, _ = space.decode(config)
         records.append(
