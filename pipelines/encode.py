@@ -99,7 +99,11 @@ class Encoded:
 
 
 class Encoder:
-    """Vocabularies for every feature, fitted on training rows only; transforms raw frames to ``Encoded``."""
+    """Vocabularies for every feature, fitted on training rows only; transforms raw frames to ``Encoded``.
+
+    Both directions work on the distinct raw values of a column (``pd.factorize``), then gather per row: logs repeat
+    values heavily, so splitting and normalizing happen once per distinct cell, not once per row.
+    """
 
     def __init__(self, vocabs: dict[str, Vocabulary]):
         self.vocabs = vocabs
@@ -114,13 +118,17 @@ class Encoder:
             raise ValueError(f"min_freq is {min_freq}, but must be >= 1")
         vocabs = {}
         for f in features:
-            tokens = _tokens(frame[f.name], f)
-            counts = tokens.value_counts(dropna=True, sort=False)
+            codes, uniques = pd.factorize(frame[f.name], use_na_sentinel=True)
+            cell_counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
+            tokens, token_cells = _unique_tokens(pd.Series(uniques, dtype=object), f)
+            weights = pd.Series(cell_counts[token_cells], index=tokens.to_numpy())
+            counts = weights[tokens.notna().to_numpy()].groupby(level=0, sort=False).sum()
             kept = counts[counts >= min_freq]
             categories = sorted(kept.index.tolist())
             freq = np.zeros(len(categories) + 1, dtype=np.int64)
             freq[1:] = kept.reindex(categories).to_numpy()
-            freq[0] = int(len(tokens) - freq[1:].sum())
+            total = int(cell_counts[token_cells].sum()) + int((codes < 0).sum())  # missing cells count once
+            freq[0] = total - int(freq[1:].sum())
             vocabs[f.name] = Vocabulary(f, categories, freq)
         return cls(vocabs)
 
@@ -131,18 +139,20 @@ class Encoder:
         out = {}
         for name, vocab in self.vocabs.items():
             f = vocab.feature
+            codes, uniques = pd.factorize(frame[name], use_na_sentinel=True)
+            codes = codes.astype(np.int64)
             if not f.multi:
-                out[name] = Column(vocab.lookup(_prepare(frame[name], f)))
+                idx = vocab.lookup(_prepare(pd.Series(uniques, dtype=object), f))
+                out[name] = Column(np.where(codes >= 0, np.append(idx, UNKNOWN)[codes], UNKNOWN).astype(np.int32))
                 continue
-            cells = _prepare(frame[name], f)
-            lists = cells.str.split(f.sep, regex=False)
-            lists = lists.where(lists.notna(), pd.Series([[""]] * len(lists), index=lists.index))
-            lengths = lists.str.len().to_numpy(dtype=np.int64)
-            flat = lists.explode()
-            flat = flat.where(flat != "", np.nan)
-            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            out[name] = Column(vocab.lookup(flat.str.strip()), offsets)
+            tokens, token_cells = _unique_tokens(pd.Series(uniques, dtype=object), f)
+            per_cell = np.bincount(token_cells, minlength=len(uniques)).astype(np.int64)
+            # the distinct cells as bags, plus one extra bag [0] for missing cells; then gather rows from them
+            values = np.append(vocab.lookup(tokens), np.int32(UNKNOWN))
+            offsets = np.zeros(len(uniques) + 2, dtype=np.int64)
+            np.cumsum(np.append(per_cell, 1), out=offsets[1:])
+            cells = Column(values, offsets)
+            out[name] = cells.take(np.where(codes >= 0, codes, len(uniques)))
         return out
 
     def to_dict(self) -> dict:
@@ -171,9 +181,13 @@ def _prepare(values: pd.Series, f: Feature) -> pd.Series:
     return bucketize(values, f.buckets) if f.buckets else normalize(values)
 
 
-def _tokens(values: pd.Series, f: Feature) -> pd.Series:
-    cells = _prepare(values, f)
+def _unique_tokens(cells: pd.Series, f: Feature) -> tuple[pd.Series, np.ndarray]:
+    """Tokens of distinct cells and, per token, the cell it came from; an empty/missing cell yields one NaN token."""
+    prepared = _prepare(cells, f).reset_index(drop=True)
     if not f.multi:
-        return cells
-    flat = cells.str.split(f.sep, regex=False).explode().str.strip()
-    return flat.where(flat != "", np.nan)
+        return prepared, np.arange(len(prepared), dtype=np.int64)
+    flat = prepared.str.split(f.sep, regex=False).explode()
+    owner = flat.index.to_numpy(dtype=np.int64)
+    flat = flat.astype(object).str.strip()
+    flat = flat.where(flat.notna() & (flat != ""), np.nan).reset_index(drop=True)
+    return flat, owner

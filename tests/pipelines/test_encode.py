@@ -66,3 +66,25 @@ def test_column_take_gathers_bags(bags, data):
     taken = col.take(rows)
     got = [taken.values[taken.offsets[i] : taken.offsets[i + 1]].tolist() for i in range(len(rows))]
     assert got == [bags[r] for r in rows]
+
+
+cells = st.one_of(st.none(), st.sampled_from(["a", "b", "c", "", "a|b", "b|zz", "c| a", "zz"]))
+
+
+@given(st.lists(cells, min_size=1, max_size=40), st.lists(cells, min_size=1, max_size=40))
+def test_encoder_matches_naive_per_row_mapping(train_cells, new_cells):
+    feats = (Feature("s"), Feature("m", multi=True))
+    enc = Encoder.fit(pd.DataFrame({"s": train_cells, "m": train_cells}), feats)
+    out = enc.transform(pd.DataFrame({"s": new_cells, "m": new_cells}))
+
+    def index(vocab, token):
+        token = None if token is None else token.strip()
+        return vocab.categories.index(token) + 1 if token and token in vocab.categories else 0
+
+    s_vocab, m_vocab = enc.vocabs["s"], enc.vocabs["m"]
+    assert out["s"].values.tolist() == [index(s_vocab, c) for c in new_cells]
+    bags = [[index(m_vocab, t) for t in (c.split("|") if c else [None])] for c in new_cells]
+    col = out["m"]
+    assert [col.values[col.offsets[i] : col.offsets[i + 1]].tolist() for i in range(len(new_cells))] == bags
+    train_tokens = [t.strip() for c in train_cells if c for t in c.split("|") if t.strip()]
+    assert m_vocab.counts[1:].sum() == len(train_tokens)
