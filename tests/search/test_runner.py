@@ -1,0 +1,109 @@
+"""A real search: Ray Tune + Optuna (journal storage) + MLflow (SQLite) on tiny synthetic data."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import SyntheticSpec, generate, prepare
+from pipelines.recipe import Recipe, build
+from search.pareto import hypervolume, non_dominated
+from search.runner import SearchSettings, run_search
+from search.space import SearchSpec, build_space
+from pipelines.synthetic import PlantedFeature
+
+pytestmark = pytest.mark.slow
+
+FEATURES = (PlantedFeature("user", 300, 6), PlantedFeature("item", 400, 4), PlantedFeature("tag", 40, 2, multi=True))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare(generate(SyntheticSpec(features=FEATURES, rows=12_000, seed=1)))
+
+
+@pytest.fixture(scope="module")
+def searched(data, ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    space = build_space(data.features, SearchSpec(max_dim=32))
+    settings = SearchSettings(name="t", trials=10, max_epochs=4, patience=0, grace_period=1, reduction_factor=2,
+                              scheduler="asha", tracking_uri=uri, output_dir=str(tmp / "out"))
+    return run_search(data, space, settings, {"source": "synthetic"}), uri, space
+
+
+def test_search_writes_parent_and_child_runs(searched):
+    result, uri, _ = searched
+    c = MlflowClient(uri)
+    parent = c.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dataset.fingerprint"]
+    assert math.isclose(parent.data.metrics["hypervolume"], result.hypervolume)
+    artifacts = {a.path for a in c.list_artifacts(result.parent_run_id)}
+    assert {"recommended.yaml", "front.csv", "pareto.png"} <= artifacts
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == len(result.trials) == 10 + 5  # sampled trials + the five heuristic baselines
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["outcome"] in ("completed", "stopped_early")
+        history = c.get_metric_history(run.info.run_id, "val_auc")
+        assert len(history) == int(run.data.tags["epochs_trained"]) >= 1
+        assert run.data.metrics["model_bytes"] > 0
+        assert any(k.startswith("dim.") for k in run.data.params)
+    labelled = {r.data.tags.get("heuristic") for r in children} - {None}
+    assert labelled == {"sqrt", "half50", "fastai", "google", "mde"}
+
+
+def test_search_front_is_nondominated_and_fully_trained(searched):
+    result, _, _ = searched
+    assert result.front
+    assert all(r["outcome"] == "completed" for r in result.front)
+    done = [r for r in result.trials if r["outcome"] == "completed"]
+    auc = np.array([r["best_val_auc"] for r in done])
+    size = np.array([r["model_bytes"] for r in done], dtype=float)
+    front_ids = {r["trial_id"] for r in result.front}
+    assert front_ids == {r["trial_id"] for r, m in zip(done, non_dominated(auc, size)) if m}
+    assert any(r["outcome"] == "stopped_early" for r in result.trials), "ASHA with eta=2 should stop some trials"
+    front = np.array([(r["best_val_auc"], r["model_bytes"]) for r in result.front])
+    assert math.isclose(result.hypervolume, hypervolume(front[:, 0], front[:, 1], ref_bytes=result.reference[1]))
+
+
+def test_search_stopped_trials_are_pruned_in_optuna(searched):
+    result, _, _ = searched
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(result.out / "optuna.journal")))
+    study = optuna.load_study(study_name=result.study_name, storage=storage)
+    by_ray = {t.user_attrs.get("ray_trial_id"): t for t in study.trials}
+    for r in result.trials:
+        if r["heuristic"]:
+            continue
+        state = by_ray[r["trial_id"]].state
+        expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
+        assert state == expected[r["outcome"]], r
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert all(t.values[1] == by_ray[t.user_attrs["ray_trial_id"]].values[1] for t in complete)
+
+
+def test_search_recipe_rebuilds_exact_model(searched, data):
+    result, _, space = searched
+    recipe = Recipe.load(result.recipe_path)
+    model = build(recipe)
+    assert dict(recipe.model.dims) == result.recommended["dims"]
+    assert sum(p.numel() for p in model.parameters()) * 4 == recipe.model_bytes() == result.recommended["model_bytes"]
+    assert recipe.dataset["fingerprint"] == data.fingerprint
+    assert recipe.provenance["mlflow"]["parent_run_id"] == result.parent_run_id
+
+
+def test_search_memory_budget_is_never_exceeded(data, ray_session, tmp_path):
+    space = build_space(data.features, SearchSpec(max_dim=32))
+    budget = (space.min_bytes() + space.max_bytes()) // 6
+    settings = SearchSettings(name="b", trials=6, max_epochs=2, memory_budget=budget, rule="budget",
+                              tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_dir=str(tmp_path / "out"))
+    result = run_search(data, space, settings)
+    trained = [r for r in result.trials if r["epochs"] > 0]
+    assert len([r for r in trained if not r["heuristic"]]) == 6
+    assert all(r["model_bytes"] <= budget for r in trained)
+    assert result.recommended["model_bytes"] <= budget
