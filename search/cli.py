@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (0 = off)")
     g.add_argument("--batch-size", type=int, default=1024)
     g.add_argument("--lr", type=float, help="fix the learning rate (default: searched 1e-3..1e-2, see --spec)")
-    g.add_argument("--scheduler", default="asha", choices=("asha", "fifo"), help="early stopping of weak trials")
+    g.add_argument("--scheduler", default="pareto-asha", choices=("pareto-asha", "asha", "fifo"),
+                   help="early stopping of weak trials: by Pareto rank on (AUC, bytes) (default), by AUC, or none")
     g.add_argument("--grace-period", type=int, default=2, help="epochs before a trial may be stopped")
     g.add_argument("--reduction-factor", type=float, default=3, help="ASHA's eta")
     g.add_argument("--spec", help="YAML search spec: pin/narrow features, drop knobs")

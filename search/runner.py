@@ -39,7 +39,7 @@ class SearchSettings:
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
     max_concurrent: int | None = None  # None: as many as the cluster's CPUs allow
-    scheduler: str = "asha"  # asha | fifo
+    scheduler: str = "pareto-asha"  # pareto-asha | asha | fifo
     grace_period: int = 2  # epochs before the scheduler may stop a trial
     reduction_factor: float = 3  # ASHA's eta: keep the top 1/eta at each rung
     memory_budget: int | None = None  # hard cap on model bytes: configs above are never trained

@@ -1,9 +1,15 @@
-"""Trial schedulers by name. Heuristic baselines are never stopped early: they are reference points on the front."""
+"""Trial schedulers by name. Heuristic baselines are never stopped early: they are reference points on the front.
+
+pareto-asha (the default) stops trials by Pareto rank on (val AUC, model bytes), see ``pareto_asha``; asha by val AUC
+alone; fifo never stops a trial.
+"""
 from __future__ import annotations
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-SCHEDULERS = ("asha", "fifo")
+from .pareto_asha import ParetoASHA
+
+SCHEDULERS = ("pareto-asha", "asha", "fifo")  # the first is the default
 
 
 class BaselineAwareASHA(ASHAScheduler):
@@ -18,6 +24,13 @@ class BaselineAwareASHA(ASHAScheduler):
 def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_factor: float = 3) -> TrialScheduler:
     if kind == "fifo":
         return FIFOScheduler()
+    if kind == "pareto-asha":
+        return ParetoASHA(
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=min(grace_period, max_epochs),
+            reduction_factor=reduction_factor,
+        )
     if kind == "asha":
         return BaselineAwareASHA(
             time_attr="training_iteration",

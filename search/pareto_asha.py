@@ -1,0 +1,178 @@
+"""Pareto-ASHA: asynchronous successive halving that stops trials by dominance on (val AUC up, model bytes down).
+
+Plain ASHA ranks the trials at a rung by validation AUC alone. Small embeddings tend to learn a little more slowly and
+end a little lower, so ASHA stops the cheap trials that belong on the accuracy/memory front. This scheduler keeps
+Ray's ASHA shape (``ray/tune/schedulers/async_hyperband.py``: rungs at ``grace_period * eta**k`` below ``max_t``,
+brackets picked by a softmax over their rung counts, a decision once per trial and rung, STOP at ``max_t``) and
+changes only the decision at a rung:
+
+* The n trials recorded at the rung (the arriving trial included) are ranked with ``search.ranking``: non-dominated
+  rank on (-best_val_auc, log10 model_bytes), ties within a front broken by crowding distance (larger first), so the
+  cheap and the accurate ends of each front (crowding distance inf) win the ties. Crowding is measured in log bytes,
+  the scale of the search's hypervolume.
+* The arriving trial continues iff fewer than ``ceil(n / eta)`` recorded trials rank strictly ahead of it (a lower
+  rank, or the same rank and a larger crowding distance). Ties go to the arriving trial, as in ASHA, which stops
+  only a reward strictly below its cutoff.
+
+The first trials at a rung: ASHA lets the very first trial through (nothing recorded, no cutoff) and judges each
+later one against the (1 - 1/eta) quantile of the rewards recorded before it, however few; it has no warm-up. This
+rule does the same: the first trial continues (n = 1, ceil(1/eta) = 1, nobody ahead); while n <= eta, ceil(n/eta) = 1,
+so a trial continues iff no recorded trial ranks strictly ahead of it, i.e. it lies on the rung's first front and is
+not crowded out: the second trial continues unless the first dominates it; a later one continues iff nothing
+dominates it and it is an end of the front (or the front has at most two distinct points). From n = eta + 1 on, the
+top ceil(n/eta) pass. On AUC alone (all sizes equal) the decision is ASHA's, except for a trial whose AUC lies in
+[lower, upper) of the two recorded values ASHA's quantile interpolates between (tested against Ray's own bracket).
+Exact copies of the arriving point never count as ahead of it.
+
+Heuristic-baseline trials (``trial.config["heuristic"]``) are never stopped, as in ``schedulers.BaselineAwareASHA``,
+but their results are recorded at every rung they pass, so later trials are judged against them. Like Ray's ASHA, a
+trial's last result is recorded when it completes (a trial that converged early still counts at its rung). A trial
+this scheduler stops ends without ``final`` in its last result; ``searcher.DimSearch`` tells Optuna it was PRUNED
+and the front leaves it out.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from typing import Any
+
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from .ranking import crowding_distance, nondominated_ranks
+
+log = logging.getLogger(__name__)
+
+
+class _Bracket:
+    """The rungs of one bracket, highest milestone first, each mapping trial id -> (-auc, log10 bytes) at the rung."""
+
+    def __init__(self, min_t: int, max_t: int, eta: float, s: int):
+        self.eta = eta
+        # Ray's rung formula, so Pareto-ASHA and ASHA built with the same settings judge at the same epochs.
+        n_rungs = int(np.log(max_t / min_t) / np.log(eta) - s + 1)
+        self.rungs: list[tuple[float, dict[str, tuple[float, float]]]] = [
+            (min_t * eta ** (k + s), {}) for k in reversed(range(n_rungs))
+        ]
+
+    def on_result(self, trial_id: str, t: float, point: tuple[float, float], protected: bool) -> str:
+        """Record the trial at the highest rung it reached but is not recorded at; decide there once."""
+        for milestone, recorded in self.rungs:
+            if t < milestone or trial_id in recorded:
+                continue
+            recorded[trial_id] = point
+            if not protected and not keeps(list(recorded.values()), len(recorded) - 1, self.eta):
+                return TrialScheduler.STOP
+            break
+        return TrialScheduler.CONTINUE
+
+
+def keeps(points: list[tuple[float, float]], i: int, eta: float) -> bool:
+    """Whether point i is in the top ceil(n/eta) of the n points (all minimized), ties counting in its favour."""
+    objs = np.asarray(points, dtype=float)
+    ranks = nondominated_ranks(objs)
+    crowd = crowding_distance(objs, ranks)
+    ahead = (ranks < ranks[i]) | ((ranks == ranks[i]) & (crowd > crowd[i]))
+    ahead &= (objs != objs[i]).any(axis=1)  # a copy scores 0 crowding as a later duplicate; it is a tie, not ahead
+    return int(ahead.sum()) < math.ceil(len(points) / eta)
+
+
+class ParetoASHA(FIFOScheduler):
+    """Asynchronous successive halving on the (best val AUC, model bytes) Pareto ranking; see the module docstring.
+
+    Args mirror Ray's ``ASHAScheduler``; ``auc_attr`` is maximized and ``bytes_attr`` minimized, both read from each
+    reported result (model bytes are exact, from the trial's config). ``seed`` fixes the random bracket choice.
+    """
+
+    def __init__(
+        self,
+        time_attr: str = "training_iteration",
+        auc_attr: str = "best_val_auc",
+        bytes_attr: str = "model_bytes",
+        max_t: int = 100,
+        grace_period: int = 1,
+        reduction_factor: float = 3,
+        brackets: int = 1,
+        seed: int = 0,
+    ):
+        if max_t < 1:
+            raise ValueError(f"max_t is {max_t}, but must be >= 1")
+        if not 1 <= grace_period <= max_t:
+            raise ValueError(f"grace_period is {grace_period}, but must be in [1, max_t={max_t}]")
+        if not reduction_factor > 1:
+            raise ValueError(f"reduction_factor is {reduction_factor}, but must be > 1")
+        if brackets < 1:
+            raise ValueError(f"brackets is {brackets}, but must be >= 1")
+        super().__init__()
+        self._time_attr, self._auc_attr, self._bytes_attr = time_attr, auc_attr, bytes_attr
+        self._metric = auc_attr  # what Ray shows as the scheduler's metric
+        self._max_t = max_t
+        self._brackets = [_Bracket(grace_period, max_t, reduction_factor, s) for s in range(brackets)]
+        self._rng = np.random.default_rng(seed)
+        self._trial_info: dict[str, _Bracket] = {}
+        self._num_stopped = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        # The objectives are fixed by the constructor; a metric/mode from TuneConfig would conflict (as for ASHA).
+        return metric is None and mode is None
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        sizes = np.array([len(b.rungs) for b in self._brackets])
+        probs = np.exp(sizes - sizes.max())
+        self._trial_info[trial.trial_id] = self._brackets[self._rng.choice(len(self._brackets), p=probs / probs.sum())]
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        point = self._point(result)
+        if point is None:
+            return TrialScheduler.CONTINUE
+        protected = bool(trial.config.get("heuristic"))
+        t = result[self._time_attr]
+        if t >= self._max_t:
+            action = TrialScheduler.CONTINUE if protected else TrialScheduler.STOP
+        else:
+            action = self._trial_info[trial.trial_id].on_result(trial.trial_id, t, point, protected)
+        if action == TrialScheduler.STOP and t < self._max_t:
+            self._num_stopped += 1
+            log.debug("stopped trial %s at %s=%s", trial.trial_id, self._time_attr, t)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict | None) -> None:
+        point = self._point(result)
+        bracket = self._trial_info.pop(trial.trial_id, None)
+        if point is not None and bracket is not None:
+            bracket.on_result(trial.trial_id, result[self._time_attr], point, protected=True)  # record only
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+
+    def _point(self, result: dict | None) -> tuple[float, float] | None:
+        if not result or any(k not in result for k in (self._time_attr, self._auc_attr, self._bytes_attr)):
+            return None
+        auc, nbytes = float(result[self._auc_attr]), float(result[self._bytes_attr])
+        if not (math.isfinite(auc) and nbytes > 0):
+            log.warning("result without a finite %s and a positive %s: not ranked", self._auc_attr, self._bytes_attr)
+            return None
+        return -auc, math.log10(nbytes)
+
+    def rung_records(self) -> list[dict[float, dict[str, tuple[float, float]]]]:
+        """Per bracket: rung milestone -> {trial id: (best val AUC, model bytes) recorded there}."""
+        return [
+            {m: {tid: (-p[0], 10 ** p[1]) for tid, p in rec.items()} for m, rec in reversed(b.rungs)}
+            for b in self._brackets
+        ]
+
+    def debug_string(self) -> str:
+        rungs = " | ".join(f"t={m:g}: {len(rec)} recorded" for m, rec in reversed(self._brackets[0].rungs))
+        return f"Using Pareto-ASHA: num_stopped={self._num_stopped}; bracket 0: {rungs}"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))

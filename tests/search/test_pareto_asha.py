@@ -1,0 +1,293 @@
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket as RayBracket
+
+from search.pareto import non_dominated
+from search.pareto_asha import ParetoASHA, keeps
+from search.schedulers import SCHEDULERS, make_scheduler
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+def fake_trial(trial_id: str, heuristic: str = "") -> SimpleNamespace:
+    """What the schedulers read from a Ray Trial: its id and config (argument-level stand-in)."""
+    return SimpleNamespace(trial_id=trial_id, config={"heuristic": heuristic} if heuristic else {})
+
+
+def result(t: int, auc: float, nbytes: int) -> dict:
+    return {"training_iteration": t, "best_val_auc": auc, "model_bytes": nbytes}
+
+
+def pareto(**kw) -> ParetoASHA:
+    return ParetoASHA(**{"max_t": 9, "grace_period": 1, "reduction_factor": 3, **kw})
+
+
+def report(sched, trial, t, auc, nbytes) -> str:
+    return sched.on_trial_result(None, trial, result(t, auc, nbytes))
+
+
+def added(sched, *ids, heuristic: str = ""):
+    trials = [fake_trial(i, heuristic) for i in ids]
+    for tr in trials:
+        sched.on_trial_add(None, tr)
+    return trials
+
+
+# --- rung decisions ------------------------------------------------------------------------------------------------
+
+
+def test_pareto_asha_rungs_match_ray_asha():
+    for max_t, grace, eta in [(9, 1, 3), (12, 2, 3), (10, 1, 2), (27, 1, 3), (20, 3, 4)]:
+        ours = ParetoASHA(max_t=max_t, grace_period=grace, reduction_factor=eta, brackets=2)
+        ray = ASHAScheduler(metric="m", mode="max", max_t=max_t, grace_period=grace, reduction_factor=eta, brackets=2)
+        for b_ours, b_ray in zip(ours._brackets, ray._brackets):
+            assert [m for m, _ in b_ours.rungs] == [m for m, _ in b_ray._rungs]
+
+
+def test_pareto_asha_first_trial_at_rung_continues_even_if_poor():
+    s = pareto()
+    (a,) = added(s, "a")
+    assert report(s, a, 1, 0.51, 10**6) == CONTINUE
+
+
+def test_pareto_asha_second_trial_stops_only_if_dominated():
+    s = pareto()
+    a, b, c = added(s, "a", "b", "c")
+    assert report(s, a, 1, 0.70, 1_000) == CONTINUE
+    assert report(s, b, 1, 0.65, 100) == CONTINUE  # cheaper, less accurate: not dominated, a tie at the front's end
+    s2 = pareto()
+    a, b = added(s2, "a", "b")
+    report(s2, a, 1, 0.70, 1_000)
+    assert report(s2, b, 1, 0.69, 2_000) == STOP  # worse and bigger
+
+
+def test_pareto_asha_while_n_at_most_eta_only_front_ends_pass():
+    s = pareto()
+    a, b, c = added(s, "a", "b", "c")
+    report(s, a, 1, 0.60, 100)
+    report(s, b, 1, 0.70, 10_000)
+    assert report(s, c, 1, 0.65, 1_000) == STOP  # on the front, but the crowded middle of three (n=3, keep 1)
+    s = pareto()
+    a, b, c = added(s, "a", "b", "c")
+    report(s, a, 1, 0.60, 100)
+    report(s, b, 1, 0.65, 1_000)
+    assert report(s, c, 1, 0.70, 10_000) == CONTINUE  # the accurate end of the front
+
+
+def test_pareto_asha_keeps_top_third_by_rank_then_crowding():
+    s = pareto()
+    ids = [f"t{i}" for i in range(7)]
+    trials = added(s, *ids)
+    # A front of four (sizes 10^2..10^5) and two dominated points; the 7th arrives dominated: 2 ahead-of-it > ceil(7/3)
+    points = [(0.60, 100), (0.66, 1_000), (0.70, 10_000), (0.72, 100_000), (0.58, 1_000), (0.62, 50_000)]
+    for tr, (auc, nb) in zip(trials, points):
+        report(s, tr, 1, auc, nb)
+    assert report(s, trials[6], 1, 0.64, 2_000) == STOP  # rank 1: the whole front (4) is ahead, keep ceil(7/3)=3
+
+
+def test_pareto_asha_cheapest_end_survives_where_auc_ranking_stops_it():
+    s = pareto()
+    trials = added(s, *[f"t{i}" for i in range(6)])
+    for tr, auc in zip(trials[:5], [0.70, 0.71, 0.72, 0.73, 0.74]):
+        report(s, tr, 1, auc, 100_000)
+    assert report(s, trials[5], 1, 0.60, 1_000) == CONTINUE  # the lowest AUC of six, but the cheapest
+
+
+def test_pareto_asha_stops_at_max_t_and_decides_once_per_rung():
+    s = pareto()
+    a, b = added(s, "a", "b")
+    report(s, a, 1, 0.70, 100)
+    assert report(s, b, 1, 0.60, 1_000) == STOP
+    assert report(s, b, 2, 0.60, 1_000) == CONTINUE  # no rung at 2: no new decision (Ray applies the STOP)
+    assert report(s, a, 2, 0.71, 100) == CONTINUE
+    assert report(s, a, 9, 0.72, 100) == STOP  # max_t reached
+    assert s.rung_records()[0][1] == {"a": (0.70, pytest.approx(100)), "b": (0.60, pytest.approx(1_000))}
+
+
+def test_pareto_asha_never_stops_heuristics_but_records_them():
+    s = pareto()
+    (h,) = added(s, "h", heuristic="sqrt")
+    (x,) = added(s, "x")
+    assert report(s, h, 1, 0.80, 100) == CONTINUE
+    assert report(s, x, 1, 0.70, 1_000) == STOP  # judged against the recorded baseline, which dominates it
+    (h2,) = added(s, "h2", heuristic="fastai")
+    assert report(s, h2, 1, 0.50, 10**7) == CONTINUE  # dominated, but a baseline
+    assert report(s, h2, 9, 0.55, 10**7) == CONTINUE  # not even stopped at max_t: it ends on its own
+    assert set(s.rung_records()[0][1]) == {"h", "x", "h2"}
+
+
+def test_pareto_asha_records_completed_trials_at_their_rung():
+    s = pareto()
+    a, b = added(s, "a", "b")
+    s.on_trial_complete(None, a, result(3, 0.80, 100))  # converged early at epoch 3: recorded at rung 3
+    assert set(s.rung_records()[0][3]) == {"a"}
+    report(s, b, 1, 0.70, 1_000)
+    assert report(s, b, 3, 0.75, 1_000) == STOP
+
+
+def test_pareto_asha_ignores_results_without_its_attributes():
+    s = pareto()
+    (a,) = added(s, "a")
+    assert s.on_trial_result(None, a, {"training_iteration": 1, "best_val_auc": 0.7}) == CONTINUE
+    assert s.on_trial_result(None, a, result(1, math.nan, 100)) == CONTINUE
+    assert s.rung_records()[0][1] == {}
+    s.on_trial_complete(None, a, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [({"max_t": 0}, "max_t"), ({"grace_period": 10}, "grace_period"), ({"reduction_factor": 1}, "reduction_factor"),
+     ({"brackets": 0}, "brackets")],
+)
+def test_pareto_asha_refuses_bad_settings(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        pareto(**kwargs)
+
+
+def test_pareto_asha_refuses_a_tune_config_metric():
+    assert pareto().set_search_properties(None, None)
+    assert not pareto().set_search_properties("val_auc", "max")
+
+
+def test_pareto_asha_save_restore_keeps_rungs(tmp_path):
+    s = pareto()
+    a, b = added(s, "a", "b")
+    report(s, a, 1, 0.70, 100)
+    s.save(str(tmp_path / "sched.pkl"))
+    t = pareto()
+    t.restore(str(tmp_path / "sched.pkl"))
+    assert t.rung_records() == s.rung_records()
+    assert report(t, b, 1, 0.60, 1_000) == STOP
+
+
+def test_pareto_asha_brackets_are_seeded():
+    def assignment(seed):
+        s = pareto(brackets=3, seed=seed, max_t=27)
+        added(s, *[str(i) for i in range(30)])
+        return [s._brackets.index(s._trial_info[str(i)]) for i in range(30)]
+
+    assert assignment(1) == assignment(1)
+    assert len(set(assignment(1))) > 1
+
+
+def test_make_scheduler_pareto_asha_is_the_default():
+    assert SCHEDULERS[0] == "pareto-asha"
+    s = make_scheduler("pareto-asha", max_epochs=12, grace_period=2, reduction_factor=3)
+    assert isinstance(s, ParetoASHA)
+    assert [m for m, _ in s._brackets[0].rungs] == [6, 2]
+    with pytest.raises(ValueError, match="pareto-asha"):
+        make_scheduler("hyperband", max_epochs=12)
+
+
+# --- keeps() against Ray's ASHA on one objective -------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(0, 6), min_size=0, max_size=20), st.integers(0, 6), st.sampled_from([2, 3, 4]))
+def test_keeps_on_auc_alone_agrees_with_ray_asha_outside_its_interpolation(previous, new, eta):
+    """With all sizes equal, only a reward in [lo, hi) of ASHA's two interpolated neighbours may be decided differently."""
+    points = [(-v, 3.0) for v in previous] + [(-new, 3.0)]
+    ours = keeps(points, len(points) - 1, eta)
+    cutoff = RayBracket(1, 9, eta, 0).cutoff({str(i): v for i, v in enumerate(previous)})
+    ray_continues = cutoff is None or new >= cutoff
+    if previous:
+        d = (len(previous) - 1) / eta  # ASHA's cutoff, counted from the best recorded reward
+        desc = sorted(previous, reverse=True)
+        lo, hi = desc[math.ceil(d)], desc[math.floor(d)]
+        if lo <= new < hi:  # empty when ASHA's quantile falls on a recorded value
+            return
+    assert ours == ray_continues
+
+
+# --- scenario: ASHA stops a trial of the true final front, Pareto-ASHA keeps it ----------------------------------
+
+# Learning curves of best val AUC over 9 epochs. "cheap" (1 KB) learns slowly: its AUC is the lowest at epochs 1
+# and 3, yet at epoch 9 it is the only small model within reach of the big ones, so it lies on the final front.
+CURVES = {
+    "big-a": (100_000, [0.700, 0.720, 0.740, 0.750, 0.755, 0.760, 0.762, 0.764, 0.765]),
+    "big-b": (80_000, [0.705, 0.722, 0.738, 0.745, 0.750, 0.752, 0.754, 0.755, 0.756]),
+    "big-c": (120_000, [0.702, 0.718, 0.735, 0.744, 0.748, 0.750, 0.751, 0.752, 0.753]),
+    "mid-a": (20_000, [0.690, 0.705, 0.720, 0.728, 0.732, 0.735, 0.737, 0.738, 0.739]),
+    "mid-b": (30_000, [0.692, 0.700, 0.712, 0.720, 0.724, 0.726, 0.728, 0.729, 0.730]),
+    "cheap": (1_000, [0.620, 0.660, 0.690, 0.710, 0.725, 0.735, 0.742, 0.746, 0.748]),
+    "wide-bad": (150_000, [0.680, 0.690, 0.700, 0.705, 0.708, 0.710, 0.711, 0.712, 0.713]),
+}
+
+
+def drive(sched) -> dict[str, int]:
+    """Feed every live trial's epoch-t result, epoch by epoch in a fixed order; return the epochs each trial ran."""
+    trials = {name: fake_trial(name) for name in CURVES}
+    for tr in trials.values():
+        sched.on_trial_add(None, tr)
+    ran = {}
+    live = list(CURVES)
+    for t in range(1, 10):
+        for name in list(live):
+            nbytes, curve = CURVES[name]
+            r = result(t, curve[t - 1], nbytes)
+            ran[name] = t
+            if sched.on_trial_result(None, trials[name], r) == STOP:
+                live.remove(name)
+                sched.on_trial_complete(None, trials[name], r)
+    return ran
+
+
+def test_scenario_asha_stops_a_final_front_trial_that_pareto_asha_keeps():
+    names = list(CURVES)
+    auc = [CURVES[n][1][-1] for n in names]
+    size = [CURVES[n][0] for n in names]
+    true_front = {n for n, m in zip(names, non_dominated(auc, size)) if m}
+    assert "cheap" in true_front
+
+    asha = ASHAScheduler(metric="best_val_auc", mode="max", max_t=9, grace_period=1, reduction_factor=3)
+    ours = ParetoASHA(max_t=9, grace_period=1, reduction_factor=3)
+    asha_ran, ours_ran = drive(asha), drive(ours)
+
+    assert asha_ran["cheap"] < 9  # ASHA stopped it on AUC alone
+    assert ours_ran["cheap"] == 9  # Pareto-ASHA trained it to the end
+    assert ours_ran["wide-bad"] < 9  # and still stops dominated trials
+    survivors = {n for n, t in ours_ran.items() if t == 9}
+    assert true_front <= survivors
+    assert sum(ours_ran.values()) < 9 * len(CURVES)  # it saved epochs
+
+
+# --- a real search: stopped trials reach Optuna as PRUNED and stay off the front ----------------------------------
+
+
+@pytest.mark.slow
+def test_run_search_pareto_asha_prunes_in_optuna_and_front(ray_session, tracking_uri, tmp_path):
+    import optuna
+
+    from pipelines import prepare
+    from pipelines.synthetic import SyntheticSpec, generate
+    from search.runner import SearchSettings, run_search
+    from search.space import SearchSpec, build_space
+
+    data = prepare(generate(SyntheticSpec(rows=4_000, seed=1)), seed=1)
+    space = build_space(data.features, SearchSpec(max_dim=16, lr=0.01))
+    settings = SearchSettings(
+        name="pasha", trials=10, max_epochs=4, patience=0, scheduler="pareto-asha", grace_period=1,
+        reduction_factor=3, heuristics=False, seed=0, tracking_uri=tracking_uri, output_dir=str(tmp_path / "out"),
+    )
+    res = run_search(data, space, settings)
+
+    stopped = {r["trial_id"] for r in res.trials if r["outcome"] == "stopped_early"}
+    completed = {r["trial_id"] for r in res.trials if r["outcome"] == "completed"}
+    assert stopped and completed
+    assert all(r["epochs"] < 4 for r in res.trials if r["trial_id"] in stopped)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(res.out / "optuna.journal"))
+    )
+    study = optuna.load_study(study_name=res.study_name, storage=storage)
+    state = {t.user_attrs["ray_trial_id"]: t.state for t in study.trials if "ray_trial_id" in t.user_attrs}
+    assert {state[i] for i in stopped} == {optuna.trial.TrialState.PRUNED}
+    assert {state[i] for i in completed} == {optuna.trial.TrialState.COMPLETE}
+    assert {r["trial_id"] for r in res.front} <= completed
+    assert not {t.user_attrs["ray_trial_id"] for t in study.best_trials} & stopped
