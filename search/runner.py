@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -114,31 +115,28 @@ def run_search(
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
-    c = tracking.client(uri)
-    exp_id = tracking.ensure_experiment(c, settings.experiment, uri)
-    parent = c.create_run(exp_id, run_name=settings.name, tags={"embsize.kind": "search", "embsize.name": settings.name})
-    parent_id = parent.info.run_id
     info = dataset_info or {}
-    c.log_batch(
-        parent_id,
-        params=[
-            *_params({f"search.{k}": v for k, v in asdict(settings).items() if k != "tracking_uri"}),
-            *_params({"dataset.fingerprint": data.fingerprint, "dataset.name": data.name}),
-            *_params({f"dataset.cardinality.{f.name}": f.cardinality for f in data.features}),
-            *_params({f"dataset.{k}": v for k, v in info.items()}),
-        ],
-    )
+    # MLflow's first use (import, schema migrations of a new SQLite store) and Ray's start take seconds each and
+    # mostly wait on other processes: do them at the same time.
+    with ThreadPoolExecutor(1) as pool:
+        opened = pool.submit(_open_parent, uri, settings, data, info)
+        try:
+            if not ray.is_initialized():
+                ray.init(
+                    address=settings.address,
+                    num_cpus=settings.num_cpus if settings.address is None else None,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    configure_logging=True,
+                )
+        except BaseException:
+            c, _, parent_id = opened.result()
+            c.set_terminated(parent_id, "FAILED")
+            raise
+        c, exp_id, parent_id = opened.result()
     try:
         heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
-        if not ray.is_initialized():
-            ray.init(
-                address=settings.address,
-                num_cpus=settings.num_cpus if settings.address is None else None,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                configure_logging=True,
-            )
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
         searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
         scheduler = make_scheduler(settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
@@ -171,7 +169,10 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             ),
         )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            runs.close()
         records = _records(grid, space, runs.runs)
         ref = reference_point(space, heuristics)
         result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
@@ -182,6 +183,25 @@ def run_search(
     except BaseException:
         c.set_terminated(parent_id, "FAILED")
         raise
+
+
+def _open_parent(uri: str, settings: SearchSettings, data: EncodedDataset, info: dict) -> tuple[object, str, str]:
+    from . import tracking
+
+    c = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(c, settings.experiment, uri)
+    parent = c.create_run(exp_id, run_name=settings.name, tags={"embsize.kind": "search", "embsize.name": settings.name})
+    parent_id = parent.info.run_id
+    c.log_batch(
+        parent_id,
+        params=[
+            *_params({f"search.{k}": v for k, v in asdict(settings).items() if k != "tracking_uri"}),
+            *_params({"dataset.fingerprint": data.fingerprint, "dataset.name": data.name}),
+            *_params({f"dataset.cardinality.{f.name}": f.cardinality for f in data.features}),
+            *_params({f"dataset.{k}": v for k, v in info.items()}),
+        ],
+    )
+    return c, exp_id, parent_id
 
 
 def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -83,7 +85,9 @@ def trial_outcome(result: dict | None, error: bool) -> str:
 class TrialRuns(Callback):
     """Opens a nested MLflow run per trial, streams its per-epoch metrics, and closes it with how it ended.
 
-    ``on_event`` receives (kind, trial_id, result) for live progress in the CLI.
+    Trials report synchronously: a slow callback holds up every trial's next epoch. So the Ray callbacks only put
+    work on a queue, and one writer thread talks to the store, in order. ``flush()`` waits until all is written.
+    ``on_event`` receives (kind, trial, result) for live progress in the CLI.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, on_event: Callable | None = None):
@@ -91,6 +95,9 @@ class TrialRuns(Callback):
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
         self._client = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self.errors: list[str] = []
 
     @property
     def c(self):
@@ -98,89 +105,116 @@ class TrialRuns(Callback):
             self._client = client(self.uri)
         return self._client
 
-    def __getstate__(self) -> dict:  # Ray checkpoints callbacks; the MLflow client is rebuilt on restore
+    def __getstate__(self) -> dict:  # Ray checkpoints callbacks; client, queue and thread are rebuilt on restore
         state = self.__dict__.copy()
-        state["_client"] = None
-        state["on_event"] = None
+        state.update(_client=None, on_event=None, _queue=None, _thread=None)
         return state
 
-    def _run_for(self, trial) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
+    def _submit(self, fn: Callable, *args) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                if fn is None:
+                    return
+                fn(*args)
+            except Exception as e:  # a tracking hiccup must not take the search down; it is reported at the end
+                log.warning("MLflow write failed: %s", e)
+                self.errors.append(str(e))
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        if self._queue is not None and self._thread is not None and self._thread.is_alive():
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put((None, ()))
+            self._thread.join()
+        self._thread = None
+
+    def _run_for(self, trial_id: str, config: dict) -> str:
+        if trial_id in self.runs:
+            return self.runs[trial_id]
         existing = self.c.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial_id = '{trial.trial_id}'",
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial_id = '{trial_id}'",
             max_results=1,
         )
         if existing:  # a resumed search continues the trial's run instead of opening a duplicate
             run_id = existing[0].info.run_id
             self.c.update_run(run_id, status="RUNNING")
         else:
-            tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id}
-            heuristic = trial.config.get("heuristic")
-            if heuristic:
-                tags["heuristic"] = heuristic
-            run = self.c.create_run(self.experiment_id, tags=tags, run_name=_run_name(trial))
-            run_id = run.info.run_id
-            params = {k: v for k, v in trial.config.items()}
-            self.c.log_batch(run_id, params=_params(params))
-        self.runs[trial.trial_id] = run_id
+            tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
+            if config.get("heuristic"):
+                tags["heuristic"] = config["heuristic"]
+            name = f"{trial_id}-{config['heuristic']}" if config.get("heuristic") else trial_id
+            run_id = self.c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+            self.c.log_batch(run_id, params=_params(config))
+        self.runs[trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._submit(self._run_for, trial.trial_id, dict(trial.config))
         self._emit("start", trial, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
+        self._submit(self._log_result, trial.trial_id, dict(trial.config), dict(result))
+        self._emit("result", trial, result)
 
-        run_id = self._run_for(trial)
+    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self._run_for(trial_id, config)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [
             Metric(k, float(result[k]), now, step)
             for k in ("val_auc", "val_logloss", "train_loss", "best_val_auc", "model_bytes", "epoch_seconds")
-            if k in result and isinstance(result[k], (int, float)) and math.isfinite(float(result[k]))
+            if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
         ]
-        tags = []
-        if step == 1 and "node" in result:
-            from mlflow.entities import RunTag
-
-            tags.append(RunTag("node", str(result["node"])))
+        tags = [RunTag("node", str(result["node"]))] if step == 1 and "node" in result else []
         self.c.log_batch(run_id, metrics=metrics, tags=tags)
-        self._emit("result", trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, error=False)
+        self._finish(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, error=True)
+        self._finish(trial, error=True)
 
-    def _close(self, trial, error: bool) -> None:
-        run_id = self._run_for(trial)
-        result = trial.last_result or {}
+    def on_experiment_end(self, trials, **info):
+        self.flush()
+
+    def _finish(self, trial, error: bool) -> None:
+        result = dict(trial.last_result or {})
+        self._submit(self._close, trial.trial_id, dict(trial.config), result, error, _error_text(trial) if error else "")
+        self._emit(trial_outcome(result, error), trial, result)
+
+    def _close(self, trial_id: str, config: dict, result: dict, error: bool, error_text: str) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self._run_for(trial_id, config)
         outcome = trial_outcome(result, error)
         tags = {"outcome": outcome, "epochs_trained": str(int(result.get("epoch", 0)))}
         if outcome == "completed":
             tags["ended"] = str(result.get("ended", ""))
         if error:
-            tags["error"] = _error_text(trial)
-        from mlflow.entities import Metric, RunTag
-
+            tags["error"] = error_text
         now = int(time.time() * 1000)
         metrics = [Metric("epochs_trained", float(result.get("epoch", 0)), now, 0)]
         self.c.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
         self.c.set_terminated(run_id, status="FAILED" if error else "FINISHED")
-        self._emit(outcome, trial, result)
 
     def _emit(self, kind: str, trial, result) -> None:
         if self.on_event is not None:
             self.on_event(kind, trial, result)
-
-
-def _run_name(trial) -> str:
-    h = trial.config.get("heuristic")
-    return f"{trial.trial_id}-{h}" if h else trial.trial_id
 
 
 def _params(config: dict):

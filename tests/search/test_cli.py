@@ -1,0 +1,93 @@
+"""The `embsize` command end to end, in subprocesses, as a user runs it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from search.cli import main
+
+
+def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_help_is_fast_and_lists_commands(tmp_path):
+    p = run(["--help"], tmp_path)
+    assert p.returncode == 0
+    assert "search" in p.stdout and "train" in p.stdout
+
+
+def test_cli_train_end_to_end(tmp_path):
+    p = run(["train", "--rows", "6000", "--dims", "user_id=4,book_id=4", "--default-dim", "2", "--epochs", "2"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "epoch   2" in p.stdout and "test AUC" in p.stdout
+    assert "user_id=4" in p.stdout and "genre=2" in p.stdout
+
+
+@pytest.mark.slow
+def test_cli_search_end_to_end(tmp_path):
+    p = run(["search", "--rows", "8000", "--trials", "4", "--max-epochs", "2", "--name", "cli", "--num-cpus", "2"],
+            tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "embsize-out" / "cli"
+    recipe = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert set(recipe["model"]["dims"]) == {"user_id", "book_id", "genre", "tags", "shelf"}
+    assert "recommended config:" in p.stdout and "hypervolume" in p.stdout
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the embedded default store
+    front = pd.read_csv(out / "front.csv")
+    assert front["recommended"].sum() == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "nope.csv"], "does not exist"),
+        (["train", "--data", "{csv}", "--label", "y", "--features", "a,zzz"], "zzz"),
+        (["train", "--data", "{csv}", "--label", "nolabel", "--features", "a"], "nolabel"),
+        (["train", "--data", "{txt}", "--label", "y", "--features", "a"], ".txt"),
+        (["train", "--data", "{const}", "--label", "y", "--features", "a"], "constant"),
+        (["train", "--data", "{rating}", "--label", "r", "--features", "a"], "threshold"),
+        (["train", "--rows", "2000", "--dims", "user_id=0"], "must be >= 1"),
+        (["train", "--rows", "2000", "--dims", "user_id=abc"], "must be an integer"),
+        (["train", "--rows", "2000", "--dims", "nosuch=4"], "unknown feature 'nosuch'"),
+        (["search", "--trials", "0"], "--trials"),
+        (["search", "--scheduler", "magic"], "invalid choice"),
+        (["search", "--rows", "2000", "--memory-budget", "10"], "smallest model"),
+        (["search", "--memory-budget", "lots"], "memory budget"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    """In-process through the CLI's main() (same code path as the console script, without a process per case)."""
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"a": ["x", "y", "z", "x"] * 5, "y": [0, 1] * 10, "r": [1, 2, 3, 4, 5] * 4}).to_csv(csv, index=False)
+    const = tmp_path / "c.csv"
+    pd.DataFrame({"a": ["x", "y"] * 5, "y": [1] * 10}).to_csv(const, index=False)
+    (tmp_path / "t.txt").write_text("hello")
+    subst = {"{csv}": str(csv), "{txt}": str(tmp_path / "t.txt"), "{const}": str(const), "{rating}": str(csv)}
+    args = [subst.get(a, a) for a in args]
+    before = set(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("embsize: error:"), err
+    assert message in lines[0]
+    assert set(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_cli_bad_input_in_a_real_process(tmp_path):
+    p = run(["train", "--rows", "2000", "--dims", "user_id=0"], tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "embsize: error: dim for 'user_id' is 0, but must be >= 1"
