@@ -101,7 +101,9 @@ def run_search(
     settings: SearchSettings,
     dataset_info: dict | None = None,
     on_event: Callable | None = None,
+    baselines: dict[str, dict] | None = None,
 ) -> SearchResult:
+    """Run the search; ``baselines`` (label -> config) replaces the heuristic baselines when given."""
     import optuna
     import ray
     from ray import tune
@@ -116,27 +118,25 @@ def run_search(
     out.mkdir(parents=True, exist_ok=True)
     uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
     info = dataset_info or {}
-    # MLflow's first use (import, schema migrations of a new SQLite store) and Ray's start take seconds each and
-    # mostly wait on other processes: do them at the same time.
-    with ThreadPoolExecutor(1) as pool:
-        opened = pool.submit(_open_parent, uri, settings, data, info)
-        try:
-            if not ray.is_initialized():
-                ray.init(
-                    address=settings.address,
-                    num_cpus=settings.num_cpus if settings.address is None else None,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                    configure_logging=True,
-                )
-        except BaseException:
-            c, _, parent_id = opened.result()
-            c.set_terminated(parent_id, "FAILED")
-            raise
-        c, exp_id, parent_id = opened.result()
+    # MLflow's first use (import, schema migrations of a new SQLite store) takes seconds: open the parent run on a
+    # thread while Ray starts and launches the first trials; the trial-run writer waits for it.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
+    opened = pool.submit(_open_parent, uri, settings, data, info)
+    pool.shutdown(wait=False)
     try:
-        heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
+        if not ray.is_initialized():
+            ray.init(
+                address=settings.address,
+                num_cpus=settings.num_cpus if settings.address is None else None,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=True,
+            )
+        if baselines is not None:
+            heuristics = dict(baselines)
+        else:
+            heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
         searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
         scheduler = make_scheduler(settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
@@ -151,7 +151,7 @@ def run_search(
         trainable = tune.with_resources(trainable, resources)
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
-        runs = tracking.TrialRuns(uri, exp_id, parent_id, on_event)
+        runs = tracking.TrialRuns(uri, opened, on_event)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -173,6 +173,7 @@ def run_search(
             grid = tuner.fit()
         finally:
             runs.close()
+        c, exp_id, parent_id = opened.result()
         records = _records(grid, space, runs.runs)
         ref = reference_point(space, heuristics)
         result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
@@ -181,6 +182,7 @@ def run_search(
         c.set_terminated(parent_id, "FINISHED")
         return result
     except BaseException:
+        c, _, parent_id = opened.result()
         c.set_terminated(parent_id, "FAILED")
         raise
 

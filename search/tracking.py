@@ -90,8 +90,11 @@ class TrialRuns(Callback):
     ``on_event`` receives (kind, trial, result) for live progress in the CLI.
     """
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, on_event: Callable | None = None):
-        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+    def __init__(self, uri: str, opened, on_event: Callable | None = None):
+        """``opened``: a future of (client, experiment id, parent run id), so the store can finish opening while
+        Ray starts the first trials."""
+        self.uri, self._opened = uri, opened
+        self.experiment_id = self.parent_run_id = None
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
         self._client = None
@@ -102,12 +105,16 @@ class TrialRuns(Callback):
     @property
     def c(self):
         if self._client is None:
-            self._client = client(self.uri)
+            if self._opened is not None:
+                self._client, self.experiment_id, self.parent_run_id = self._opened.result()
+            else:
+                self._client = client(self.uri)
         return self._client
 
     def __getstate__(self) -> dict:  # Ray checkpoints callbacks; client, queue and thread are rebuilt on restore
+        _ = self.c  # resolve the ids before pickling
         state = self.__dict__.copy()
-        state.update(_client=None, on_event=None, _queue=None, _thread=None)
+        state.update(_client=None, _opened=None, on_event=None, _queue=None, _thread=None)
         return state
 
     def _submit(self, fn: Callable, *args) -> None:
