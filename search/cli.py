@@ -39,13 +39,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
-def _load(args) -> tuple[object, dict]:
-    from pipelines import prepare
+def _raw(args):
+    """The RawDataset that --data and its options name, before splitting and vocabularies."""
     from pipelines.load import load
 
     if args.rows is not None and args.rows < 1:
         raise UsageError(f"--rows is {args.rows}, but must be >= 1")
-    raw = load(
+    return load(
         args.data,
         label=args.label,
         features=parse_list(args.features) or None,
@@ -57,6 +57,12 @@ def _load(args) -> tuple[object, dict]:
         synthetic_rows=args.rows,
         seed=args.seed,
     )
+
+
+def _load(args) -> tuple[object, dict]:
+    from pipelines import prepare
+
+    raw = _raw(args)
     data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
     info = {"source": str(raw.meta.get("source", args.data)), "split": args.split, "min_freq": args.min_freq,
             "seed": args.seed, "rows": len(raw)}
@@ -74,6 +80,8 @@ def cmd_train(args) -> int:
         from .production import train_recipe
 
         return train_recipe(args)
+    if args.register or args.export:
+        raise UsageError("--register and --export need --config (a recommended.yaml from `embsize search`)")
     data, _ = _load(args)
     dims = parse_dims(args.dims or "")
     unknown = sorted(set(dims) - set(data.feature_names))
@@ -276,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1024)
     g.add_argument("--threads", type=int, help="torch threads")
     g.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large tables)")
+    g = t.add_argument_group("production (with --config)")
+    g.add_argument("--register", metavar="NAME", help="register the trained model in the MLflow Model Registry as NAME")
+    g.add_argument("--export", metavar="DIR", help="also write a plain export (weights, vocabularies, config) to DIR")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else the search's store)")
+    g.add_argument("--experiment", help="MLflow experiment (default: the search's)")
     t.set_defaults(func=cmd_train)
     return p
 
