@@ -7,7 +7,7 @@ A multi-valued cell is split on its separator; an empty or missing cell becomes 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,7 @@ class Vocabulary:
     feature: Feature
     categories: list[str]
     counts: np.ndarray  # training frequency per index (index 0 = unknown/rare/missing)
+    _index: pd.Index | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -52,7 +53,9 @@ class Vocabulary:
 
     def lookup(self, values: pd.Series) -> np.ndarray:
         """Vectorised mapping of normalized raw values to indices; unseen -> 0."""
-        idx = pd.Index(self.categories).get_indexer(values)  # -1 where unseen or NaN
+        if self._index is None:
+            self._index = pd.Index(self.categories)  # built once: its hash table serves every later lookup
+        idx = self._index.get_indexer(values)  # -1 where unseen or NaN
         return (idx + 1).astype(np.int32)
 
 
@@ -120,7 +123,7 @@ class Encoder:
         for f in features:
             codes, uniques = pd.factorize(frame[f.name], use_na_sentinel=True)
             cell_counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
-            tokens, token_cells = _unique_tokens(pd.Series(uniques, dtype=object), f)
+            tokens, token_cells = _unique_tokens(pd.Series(uniques), f)
             weights = pd.Series(cell_counts[token_cells], index=tokens.to_numpy())
             counts = weights[tokens.notna().to_numpy()].groupby(level=0, sort=False).sum()
             kept = counts[counts >= min_freq]
@@ -142,10 +145,10 @@ class Encoder:
             codes, uniques = pd.factorize(frame[name], use_na_sentinel=True)
             codes = codes.astype(np.int64)
             if not f.multi:
-                idx = vocab.lookup(_prepare(pd.Series(uniques, dtype=object), f))
+                idx = vocab.lookup(_prepare(pd.Series(uniques), f))
                 out[name] = Column(np.where(codes >= 0, np.append(idx, UNKNOWN)[codes], UNKNOWN).astype(np.int32))
                 continue
-            tokens, token_cells = _unique_tokens(pd.Series(uniques, dtype=object), f)
+            tokens, token_cells = _unique_tokens(pd.Series(uniques), f)
             per_cell = np.bincount(token_cells, minlength=len(uniques)).astype(np.int64)
             # the distinct cells as bags, plus one extra bag [0] for missing cells; then gather rows from them
             values = np.append(vocab.lookup(tokens), np.int32(UNKNOWN))

@@ -70,8 +70,6 @@ def test_score_unseen_and_missing_values_use_the_unknown_bucket(trained):
     assert s[0] == s[1] == s[2]  # every value unseen or missing: all three rows are the all-unknown input
 
 
-@pytest.mark.xfail(strict=True, reason="Encoder.transform since 2848d63 normalizes pd.factorize uniques as object "
-                   "dtype, so 196.0 becomes '196.0', not '196' (pipelines/encode.py; drop this mark once fixed)")
 def test_score_normalizes_raw_values_like_training(trained):
     raw, data, model, _ = trained
     row = raw.frame.head(1)
