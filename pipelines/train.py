@@ -1,15 +1,19 @@
 """The trainer: a plain function the search calls once per trial, reporting once per epoch.
 
-Speed comes from holding every split as tensors and batching by slicing a once-per-epoch permuted copy: there is no
-per-row ``Dataset.__getitem__`` and no collate step.
+Where the speed comes from (``benchmarks/throughput.py`` measures it against a standard DataLoader loop):
+every split is held as tensors and batched by slicing a once-per-epoch permuted copy (no per-row
+``Dataset.__getitem__``, no collate); the step is ``model.Backprop``'s hand-derived forward/backward into reused
+buffers (no autograd graph, one fused lookup per embedding dim); the update is one fused Adam kernel call; the
+training loss is computed once per epoch from the logits each step left behind.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,8 +21,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .dataset import EncodedDataset
-from .encode import Encoded
-from .model import EmbeddingRecommender, ModelConfig
+from .encode import Column, Encoded
+from .model import Backprop, EmbeddingRecommender, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,7 @@ class TrainConfig:
     max_epochs: int = 10
     patience: int = 3  # stop after this many epochs without a better val AUC (0 = never)
     weight_decay: float = 0.0  # on the MLP only
-    sparse: bool = False  # sparse embedding gradients + SparseAdam: pays off for tables of ~1M rows
+    sparse: bool = False  # update only the embedding rows a batch touches (lazy Adam): pays off for ~1M-row tables
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -53,6 +57,7 @@ class EpochResult:
     best_val_auc: float
     seconds: float  # training time of this epoch (excluding evaluation)
     samples_per_s: float
+    cpu_seconds: float = 0.0  # process CPU time of the same span: unlike ``seconds``, blind to waiting for a core
 
 
 @dataclass
@@ -92,7 +97,7 @@ class SplitTensors:
 
     def permuted(self, perm: torch.Tensor) -> SplitTensors:
         out = object.__new__(SplitTensors)
-        out.single, out.label = self.single[perm], self.label[perm]
+        out.single, out.label = self.single.index_select(0, perm), self.label.index_select(0, perm)
         out.bags = [_permute_bag(v, o, perm) for v, o in self.bags]
         return out
 
@@ -106,11 +111,120 @@ class SplitTensors:
 
 
 def _permute_bag(values: torch.Tensor, offsets: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    starts, lengths = offsets[:-1][perm], (offsets[1:] - offsets[:-1])[perm]
+    # index_select, not t[perm]: advanced indexing is ~15x slower on CPU
+    starts, lengths = offsets[:-1].index_select(0, perm), (offsets[1:] - offsets[:-1]).index_select(0, perm)
     new = torch.zeros(len(perm) + 1, dtype=offsets.dtype, device=offsets.device)
     torch.cumsum(lengths, 0, out=new[1:])
     flat = torch.repeat_interleave(starts - new[:-1], lengths) + torch.arange(int(new[-1]), device=offsets.device)
-    return values[flat], new
+    return values.index_select(0, flat), new
+
+
+class TrainBatches:
+    """The training split in ``Backprop``'s input layout: per fused table its row ids (feature offsets added once,
+    not per step), per bag feature the batch row and 1/length of every value."""
+
+    def __init__(self, tensors: SplitTensors, model: EmbeddingRecommender):
+        self.idx = [(tensors.single[:, a:b] + base).contiguous() for a, b, base in model.group_layout()]
+        self.bags, self.label = tensors.bags, tensors.label
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def epoch(self, perm: torch.Tensor, size: int) -> tuple[torch.Tensor, Iterator[tuple[list, list, torch.Tensor, slice]]]:
+        """The labels in ``perm`` order, and batches of ``size`` rows in that order: slices (views) of one permuted
+        copy, with the batch's slice of the epoch."""
+        idx = [t.index_select(0, perm).view(-1) for t in self.idx]  # flat, row-major: a batch is one slice
+        widths = [t.shape[1] for t in self.idx]
+        bags = []
+        for values, offsets in self.bags:
+            values, offsets = _permute_bag(values, offsets, perm)
+            lengths = offsets[1:] - offsets[:-1]
+            rows = torch.repeat_interleave(torch.arange(len(perm), device=perm.device), lengths)
+            weight = torch.repeat_interleave(1.0 / lengths.to(torch.float32), lengths)
+            bags.append((values, offsets, offsets.cpu().numpy(), rows, weight))  # host offsets: slicing without a sync
+        label = self.label.index_select(0, perm)
+
+        def batches():
+            for a in range(0, len(label), size):
+                b = min(a + size, len(label))
+                batch_bags = []
+                for values, offsets, host, rows, weight in bags:
+                    s, e = int(host[a]), int(host[b])
+                    batch_bags.append((values[s:e], offsets[a:b] - s, rows[s:e] - a, weight[s:e]))
+                yield [t[a * w : b * w] for t, w in zip(idx, widths)], batch_bags, label[a:b], slice(a, b)
+
+        return label, batches()
+
+
+class Adam:
+    """Adam over ``Backprop``'s gradients: dense tensors in one fused kernel call, sparse tables row by row.
+
+    Not ``torch.optim.Adam``: its per-step Python bookkeeping (~90 us) is as long as the update of a 60k-parameter
+    model itself, so we call the kernel it runs, ``torch._fused_adam_``, directly (or, where that kernel is missing,
+    its functional form ``torch.optim.adam.adam``). Sparse tables follow ``torch.optim.SparseAdam``: only the rows
+    a batch touched move, and only their moments decay.
+    """
+
+    def __init__(
+        self, bp: Backprop, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+        fused: bool | None = None,
+    ):
+        self.bp, self.lr, self.betas, self.eps = bp, lr, betas, eps
+        dense_tables = [] if bp.sparse else list(zip(bp.tables, bp.table_grads))
+        mlp = list(zip(bp.params, bp.grads))
+        # one kernel call when the tables and the MLP share hyper-parameters; else the MLP gets its weight decay
+        groups = [(dense_tables + mlp, 0.0)] if weight_decay == 0 else [(dense_tables, 0.0), (mlp, weight_decay)]
+        self.groups = [([p for p, _ in pairs], [g for _, g in pairs], wd) for pairs, wd in groups if pairs]
+        dev = bp.x.device
+        if fused is None:
+            fused = hasattr(torch, "_fused_adam_") and dev.type in ("cpu", "cuda") and bp.x.dtype == torch.float32
+        self.fused = fused
+        self.moments = [([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]) for ps, _, _ in self.groups]
+        self.sparse_moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in bp.tables] if bp.sparse else []
+        self.t = 0  # steps taken; every tensor steps together
+        self._t = torch.zeros((), dtype=torch.float32, device=dev)  # the same count, where the fused kernel reads it
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        kw = dict(amsgrad=False, beta1=b1, beta2=b2, lr=self.lr, eps=self.eps, maximize=False)
+        if self.fused:
+            self._t.add_(1)
+        for (params, grads, wd), (m, v) in zip(self.groups, self.moments):
+            if self.fused:
+                torch._fused_adam_(params, grads, m, v, [], [self._t] * len(params), weight_decay=wd, **kw)
+            else:
+                from torch.optim.adam import adam
+
+                steps = [torch.tensor(float(self.t - 1)) for _ in params]  # adam() advances them by one
+                adam(params, grads, m, v, [], steps, foreach=None, weight_decay=wd, **kw)
+        for table, (m, v), (rows, grad) in zip(self.bp.tables, self.sparse_moments, self.bp.table_grads):
+            self._rows(table, m, v, rows, grad)
+
+    def _rows(self, table, m, v, rows, grad) -> None:
+        b1, b2 = self.betas
+        m_rows = m[rows].lerp_(grad, 1 - b1)
+        v_rows = v[rows].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m.index_copy_(0, rows, m_rows)
+        v.index_copy_(0, rows, v_rows)
+        size = self.lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)  # SparseAdam's bias correction and eps
+        table.index_add_(0, rows, m_rows.div_(v_rows.sqrt_().add_(self.eps)).mul_(-size))
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy({"moments": self.moments, "sparse": self.sparse_moments, "t": self.t})
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, theirs in zip(_flat([self.moments, self.sparse_moments]), _flat([state["moments"], state["sparse"]])):
+            mine.copy_(theirs)
+        self.t = int(state["t"])
+        self._t.fill_(self.t)
+
+
+def _flat(nested) -> list[torch.Tensor]:
+    if isinstance(nested, torch.Tensor):
+        return [nested]
+    return [t for item in nested for t in _flat(item)]
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -123,37 +237,20 @@ def build_model(data_features, model_cfg: ModelConfig, sparse: bool = False) -> 
     return EmbeddingRecommender(data_features, model_cfg.dims, model_cfg.hidden, model_cfg.dropout, sparse=sparse)
 
 
-def make_optimizers(model: EmbeddingRecommender, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    fused = {"fused": True} if _fused_ok(model) else {}
-    if cfg.sparse:
-        return [
-            torch.optim.SparseAdam(model.embedding_parameters(), lr=cfg.lr),
-            torch.optim.Adam(model.dense_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused),
-        ]
-    groups = [
-        {"params": model.embedding_parameters(), "weight_decay": 0.0},
-        {"params": model.dense_parameters(), "weight_decay": cfg.weight_decay},
-    ]
-    return [torch.optim.Adam(groups, lr=cfg.lr, **fused)]
-
-
-def _fused_ok(model: nn.Module) -> bool:
-    # fused Adam runs the whole update in one kernel per dtype/device; CPU support arrived in torch 2.4
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 4)
-
-
 @torch.inference_mode()
 def predict(model: EmbeddingRecommender, tensors: SplitTensors, batch_size: int = 65536) -> np.ndarray:
+    was_training = model.training
     model.eval()
     out = [torch.sigmoid(model(s, b)) for s, b, _ in tensors.batches(batch_size)]
-    model.train()
+    model.train(was_training)
     return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 def evaluate(model: EmbeddingRecommender, tensors: SplitTensors) -> tuple[float, float]:
     """(AUC, logloss) on a split; AUC is NaN when the split holds one class only."""
     p = predict(model, tensors)
+    if not np.isfinite(p).all():
+        raise FloatingPointError("the model predicts NaN; training diverged, lower the learning rate")
     y = tensors.label.cpu().numpy()
     eps = 1e-7
     logloss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else math.nan
@@ -175,70 +272,66 @@ def train(
 ) -> TrainResult:
     """Train one config; after each epoch call ``on_epoch(result, snapshot)``, which may return False to stop.
 
-    ``snapshot()`` returns the state to checkpoint (model, optimizers, epoch, history, best); pass it back as
-    ``resume`` to continue from that epoch. With ``train_on_val`` the validation rows join training (final
-    production fit) and early stopping is off. The returned model holds the best epoch's weights.
+    ``snapshot()`` returns a copy of the state to checkpoint (model, optimizer, epoch, history, best, random
+    generators); pass it back as ``resume`` to continue exactly as an uninterrupted run would. With ``train_on_val``
+    the validation rows join training (final production fit) and early stopping is off. The returned model holds the
+    best epoch's weights. A NaN or infinite loss raises ``FloatingPointError``.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     model = build_model(data.features, model_cfg, cfg.sparse).to(dev)
-    optimizers = make_optimizers(model, cfg)
-    train_split = data.train
-    if train_on_val:
-        train_split = _concat(data.train, data.val)
-    tr = SplitTensors(train_split, model, dev)
+    dropout_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+    bp = Backprop(model, cfg.batch_size, sparse=cfg.sparse, generator=dropout_gen)
+    opt = Adam(bp, cfg.lr, cfg.weight_decay)
+    train_split = _concat(data.train, data.val) if train_on_val else data.train
+    tr = TrainBatches(SplitTensors(train_split, model, dev), model)
+    logits = torch.empty(len(tr), 1, device=dev)
     va = SplitTensors(data.val, model, dev)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loss_fn = nn.BCEWithLogitsLoss()
     history: list[EpochResult] = []
     best = (-math.inf, math.nan, 0)  # (auc, logloss, epoch)
     best_state: dict | None = None
     if resume:
         model.load_state_dict(resume["model"])
-        for opt, st in zip(optimizers, resume["optimizers"]):
-            opt.load_state_dict(st)
+        opt.load_state_dict(resume["optimizer"])
         history = [EpochResult(**h) for h in resume["history"]]
         best = tuple(resume["best"])  # type: ignore[assignment]
         best_state = resume.get("best_model")
         gen.set_state(resume["generator"])
+        dropout_gen.set_state(resume["dropout_generator"])
 
     def snapshot() -> dict:
-        return {
+        return copy.deepcopy({
             "model": model.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers],
+            "optimizer": opt.state_dict(),
             "history": [h.__dict__ for h in history],
             "best": list(best),
             "best_model": best_state,
             "generator": gen.get_state(),
-        }
+            "dropout_generator": dropout_gen.get_state(),
+        })
 
     started, ended = time.perf_counter(), "max_epochs"
     model.train()
     for epoch in range(len(history) + 1, cfg.max_epochs + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(len(tr), generator=gen).to(dev)
-        total, batches = torch.zeros((), device=dev), 0
-        for single, bags, y in tr.permuted(perm).batches(cfg.batch_size):
-            loss = loss_fn(model(single, bags), y)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            total += loss.detach()
-            batches += 1
-        seconds = time.perf_counter() - t0
-        train_loss = float(total) / max(batches, 1)
+        labels, batches = tr.epoch(perm, cfg.batch_size)
+        for idx, bags, y, rows in batches:
+            bp.step(idx, bags, y, logits[rows])
+            opt.step()
+        # the epoch's loss from its logits as they were at each step: one op, and the epoch's one host sync
+        train_loss = float(nn.functional.binary_cross_entropy_with_logits(logits.view(-1), labels)) if len(tr) else 0.0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; lower the learning rate")
         auc, logloss = evaluate(model, va)
-        improved = auc > best[0]
-        if improved:
+        if auc > best[0]:
             best = (auc, logloss, epoch)
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        result = EpochResult(epoch, train_loss, auc, logloss, best[0], seconds, len(tr) / seconds)
+        result = EpochResult(epoch, train_loss, auc, logloss, best[0], seconds, len(tr) / seconds, cpu_seconds)
         history.append(result)
         log.debug("epoch %d: loss %.4f val_auc %.4f", epoch, train_loss, auc)
         if on_epoch is not None and on_epoch(result, snapshot) is False:
@@ -253,8 +346,6 @@ def train(
 
 
 def _concat(a: Encoded, b: Encoded) -> Encoded:
-    from .encode import Column
-
     cols = {}
     for name, ca in a.columns.items():
         cb = b.columns[name]
