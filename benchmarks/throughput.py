@@ -49,9 +49,10 @@ def load(path: Path) -> EncodedDataset:
 
 
 class StandardLoop:
-    """The standard PyTorch loop, one epoch per call."""
+    """The standard PyTorch loop, one epoch per call; with ``index_batches`` the same autograd step on batches sliced
+    from a once-per-epoch permuted copy instead of a DataLoader (what plain index batching alone buys)."""
 
-    def __init__(self, data: EncodedDataset, dims: dict):
+    def __init__(self, data: EncodedDataset, dims: dict, index_batches: bool = False):
         torch.manual_seed(SEED)
         self.model = EmbeddingRecommender(data.features, dims, HIDDEN)
         tr = SplitTensors(data.train, self.model, torch.device("cpu"))
@@ -60,14 +61,22 @@ class StandardLoop:
             TensorDataset(tr.single, tr.label), batch_size=BATCH, shuffle=True,
             generator=torch.Generator().manual_seed(SEED),
         )
+        self.index_batches, self.tensors, self.gen = index_batches, tr, torch.Generator().manual_seed(SEED)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.val = SplitTensors(data.val, self.model, torch.device("cpu"))
 
+    def _batches(self):
+        if not self.index_batches:
+            return iter(self.loader)
+        perm = torch.randperm(self.rows, generator=self.gen)
+        x, y = self.tensors.single.index_select(0, perm), self.tensors.label.index_select(0, perm)
+        return ((x[a : a + BATCH], y[a : a + BATCH]) for a in range(0, self.rows, BATCH))
+
     def epoch(self) -> tuple[float, float, float]:
         """(wall samples/s, CPU samples/s, wall seconds)."""
         t0, c0 = time.perf_counter(), time.process_time()
-        for x, y in self.loader:
+        for x, y in self._batches():
             loss = self.loss_fn(self.model(x), y)
             self.opt.zero_grad()
             loss.backward()
@@ -80,16 +89,18 @@ class StandardLoop:
 
 
 def paired_round(data: EncodedDataset, dims: dict, epochs: int) -> dict:
-    """``epochs`` epochs of each loop, interleaved epoch by epoch (ours, standard, ours, ...) so that a change in the
-    machine's load hits both sides of a pair: the standard loop's epoch runs inside the trainer's ``on_epoch``."""
-    standard = StandardLoop(data, dims)
-    pairs, standard_seconds = [], 0.0
+    """``epochs`` epochs of each loop, interleaved epoch by epoch (ours, standard, index-batched, ours, ...) so that a
+    change in the machine's load hits all of them: the other loops' epochs run inside the trainer's ``on_epoch``."""
+    standard, indexed = StandardLoop(data, dims), StandardLoop(data, dims, index_batches=True)
+    pairs, indexed_rates, standard_seconds = [], [], 0.0
 
     def on_epoch(r, _snapshot) -> None:
         nonlocal standard_seconds
         wall, cpu, seconds = standard.epoch()
-        standard_seconds += seconds
+        i_wall, i_cpu, i_seconds = indexed.epoch()
+        standard_seconds += seconds + i_seconds
         pairs.append(((r.samples_per_s, len(data.train) / r.cpu_seconds), (wall, cpu)))
+        indexed_rates.append((i_wall, i_cpu))
 
     cfg = TrainConfig(lr=LR, batch_size=BATCH, max_epochs=epochs, patience=0, seed=SEED, threads=1)
     t0 = time.perf_counter()
@@ -97,6 +108,7 @@ def paired_round(data: EncodedDataset, dims: dict, epochs: int) -> dict:
     ours_wall = time.perf_counter() - t0 - standard_seconds  # setup, training and per-epoch validation
     return {
         "pairs": pairs,
+        "indexed": indexed_rates,
         "end_to_end": epochs * len(data.train) / ours_wall,
         "auc": (result.history[-1].val_auc, standard.val_auc()),
     }
@@ -142,7 +154,7 @@ def _summary(rates: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "movielens-100k")
-    parser.add_argument("--rounds", type=int, default=3, help="A/B alternations")
+    parser.add_argument("--rounds", type=int, default=3, help="trainer runs, each interleaving the other loops' epochs")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loop per round")
     parser.add_argument("--compile", action="store_true", help="also time the standard step under torch.compile")
     args = parser.parse_args()
@@ -159,11 +171,16 @@ def main() -> None:
         ours, base = [o for o, _ in pairs], [b for _, b in pairs]
         print(f"dims {name}: {dims}")
         print(f"  {'samples/s':28s}{'wall median':>14s}{'wall best':>12s}{'CPU median':>14s}{'CPU best':>12s}")
-        for label, rates in (("standard DataLoader loop", base), ("pipelines.train", ours)):
+        indexed = [i for r in rounds for i in r["indexed"]]
+        for label, rates in (("standard DataLoader loop", base), ("  same step, index batches", indexed),
+                             ("pipelines.train", ours)):
             print(f"  {label:28s}" + "".join(f"{m:>14,.0f}{b:>12,.0f}" for m, b in _summary(rates)))
         (bw, bwb), (bc, bcb) = _summary(base)
         (ow, owb), (oc, ocb) = _summary(ours)
         print(f"  {'ratio':28s}{ow / bw:>13.1f}x{owb / bwb:>11.1f}x{oc / bc:>13.1f}x{ocb / bcb:>11.1f}x")
+        (iw, _), (ic, _) = _summary(indexed)
+        print(f"  {'index batching alone':28s}{iw / bw:>13.1f}x{'':>12s}{ic / bc:>13.1f}x")
+        print(f"  {'pipelines.train over that':28s}{ow / iw:>13.1f}x{'':>12s}{oc / ic:>13.1f}x")
         paired = [o[0] / b[0] for o, b in pairs]
         print(f"  ratio within each epoch pair (wall): median {statistics.median(paired):.1f}x, "
               f"range {min(paired):.1f}x - {max(paired):.1f}x over {len(paired)} pairs")

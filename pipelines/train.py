@@ -130,9 +130,9 @@ class TrainBatches:
     def __len__(self) -> int:
         return len(self.label)
 
-    def epoch(self, perm: torch.Tensor, size: int) -> tuple[torch.Tensor, Iterator[tuple[list, list, torch.Tensor, slice]]]:
-        """The labels in ``perm`` order, and batches of ``size`` rows in that order: slices (views) of one permuted
-        copy, with the batch's slice of the epoch."""
+    def epoch(self, perm: torch.Tensor, size: int) -> tuple[torch.Tensor, Iterator[tuple]]:
+        """The labels in ``perm`` order, and batches of ``size`` rows in that order, each (row ids per table, bags,
+        labels, the batch's slice of the epoch): slices (views) of one permuted copy."""
         idx = [t.index_select(0, perm).view(-1) for t in self.idx]  # flat, row-major: a batch is one slice
         widths = [t.shape[1] for t in self.idx]
         bags = []
@@ -176,10 +176,8 @@ class Adam:
         groups = [(dense_tables + mlp, 0.0)] if weight_decay == 0 else [(dense_tables, 0.0), (mlp, weight_decay)]
         self.groups = [([p for p, _ in pairs], [g for _, g in pairs], wd) for pairs, wd in groups if pairs]
         dev = bp.x.device
-        if fused is None:
-            fused = hasattr(torch, "_fused_adam_") and dev.type in ("cpu", "cuda") and bp.x.dtype == torch.float32
-        self.fused = fused
-        self.moments = [([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]) for ps, _, _ in self.groups]
+        self.fused = _fused_adam_supported(dev) and bp.x.dtype == torch.float32 if fused is None else fused
+        self.moments = [(_zeros(ps), _zeros(ps)) for ps, _, _ in self.groups]
         self.sparse_moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in bp.tables] if bp.sparse else []
         self.t = 0  # steps taken; every tensor steps together
         self._t = torch.zeros((), dtype=torch.float32, device=dev)  # the same count, where the fused kernel reads it
@@ -219,6 +217,16 @@ class Adam:
             mine.copy_(theirs)
         self.t = int(state["t"])
         self._t.fill_(self.t)
+
+
+def _zeros(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(t) for t in tensors]
+
+
+def _fused_adam_supported(device: torch.device) -> bool:
+    if not hasattr(torch, "_fused_adam_"):
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= "2.4")  # CPU kernel since 2.4
 
 
 def _flat(nested) -> list[torch.Tensor]:

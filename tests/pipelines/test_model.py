@@ -111,8 +111,8 @@ def test_backprop_gradients_equal_autograd(features, dims, sparse):
 
 def test_backprop_gradients_equal_autograd_with_dropout():
     torch.manual_seed(0)
-    model = EmbeddingRecommender(FEATURES, {"user": 4, "item": 4, "genre": 2, "tags": 3, "zip": 4}, (16, 8), dropout=0.5)
-    model = model.double()
+    dims = {"user": 4, "item": 4, "genre": 2, "tags": 3, "zip": 4}
+    model = EmbeddingRecommender(FEATURES, dims, (16, 8), dropout=0.5).double()
     single, bags, y = _batch(model, 20)
     bp = Backprop(model, 32, generator=torch.Generator().manual_seed(1))
     bp.step(*_backprop_inputs(model, single, bags), y)
@@ -140,7 +140,9 @@ def test_validate_dims_refuses_bad_input_with_the_value_and_the_rule():
     assert validate_dims(feats, {"item": 3, "user": 2}) == {"user": 2, "item": 3}
 
 
-@pytest.mark.parametrize("kwargs, message", [({"dropout": 1.0}, "dropout is 1.0"), ({"hidden": (8, 0)}, "hidden width 0")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"dropout": 1.0}, "dropout is 1.0"), ({"hidden": (8, 0)}, "hidden width 0")]
+)
 def test_model_refuses_bad_dropout_and_hidden(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EmbeddingRecommender(SINGLE_ONLY, {"user": 2, "item": 2, "genre": 2, "zip": 2}, **kwargs)
