@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from pipelines import ModelConfig, SyntheticSpec, TrainConfig, generate, prepare, train
@@ -208,3 +210,17 @@ def test_evaluate_reports_nan_auc_for_one_class(data):
     tensors.label = torch.ones_like(tensors.label)
     auc, logloss = evaluate(model, tensors)
     assert math.isnan(auc) and math.isfinite(logloss)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 6)), min_size=2, max_size=60))
+def test_roc_auc_equals_sklearn_with_ties(pairs):
+    from sklearn.metrics import roc_auc_score
+
+    from pipelines.train import roc_auc
+
+    y = np.array([a for a, _ in pairs])
+    p = np.array([b for _, b in pairs], dtype=np.float32) / 6
+    if y.all() or not y.any():
+        assert math.isnan(roc_auc(y, p))
+    else:
+        assert math.isclose(roc_auc(y, p), roc_auc_score(y, p), rel_tol=1e-12, abs_tol=1e-12)
