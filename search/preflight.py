@@ -1,0 +1,196 @@
+"""Fail fast: check that the MLflow store and the Ray cluster answer before any trial is launched.
+
+Each check takes a bounded time (``timeout`` seconds, name resolution included) and writes nothing. A failure is a
+``ValueError`` with one line naming the URI or address (credentials removed) and the fix.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+TIMEOUT = 5.0  # seconds per check
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # default ports of SQLAlchemy stores MLflow supports
+
+T = TypeVar("T")
+
+
+DEFAULT_STORE = "mlruns"  # relative to the current directory: sqlite db + artifacts, no server
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    base = (root or Path.cwd()) / DEFAULT_STORE
+    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded store under ./mlruns (here rather than in
+    tracking.py, which imports Ray: the CLI resolves and checks the store before any heavy import)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check(tracking_uri: str, address: str | None, timeout: float = TIMEOUT) -> None:
+    """Both checks: the tracking store, then the Ray address (None: a local Ray will be started)."""
+    check_tracking(tracking_uri, timeout)
+    check_ray_address(address, timeout)
+
+
+def redact(uri: str) -> str:
+    """``uri`` without user:password@ (safe to print, log or write to a file)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_tracking(uri: str, timeout: float = TIMEOUT) -> None:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        _within(timeout, lambda: _http_answers(uri, timeout), f"tracking server '{redact(uri)}'",
+                "start the server or pass a reachable --tracking-uri")
+    elif scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            _check_store_path(Path(path), uri)
+    elif scheme in ("", "file"):
+        _check_store_path(Path(urlsplit(uri).path if scheme else uri), uri)
+    elif scheme.split("+")[0] in DB_PORTS:
+        parts = urlsplit(uri)
+        host, port = parts.hostname or "localhost", parts.port or DB_PORTS[scheme.split("+")[0]]
+        _within(timeout, lambda: _connect(host, port, timeout), f"tracking database '{redact(uri)}'",
+                "start the database or pass a reachable --tracking-uri")
+    # other schemes (databricks, ...) are checked by MLflow itself when the search opens its run
+
+
+def check_ray_address(address: str | None, timeout: float = TIMEOUT) -> None:
+    """``HOST:PORT`` or ``ray://HOST:PORT``: a TCP connect; ``auto``: Ray's own lookup of a running local cluster,
+    then a connect to it; None or ``local``: nothing (a new local Ray is started)."""
+    if address is None or address == "local":
+        return
+    if address == "auto":
+        found = _within(timeout, _find_local_cluster, "--address auto",
+                        "start one with `ray start --head`, or drop --address to start a local Ray")
+        where = f"Ray cluster at '{found}' (found by --address auto)"
+    else:
+        found = address[len("ray://"):] if address.startswith("ray://") else address
+        where = f"Ray cluster at '{address}'"
+    host, _, port = found.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"Ray address '{address}' is not HOST:PORT, ray://HOST:PORT or auto; fix --address")
+    _within(timeout, lambda: _connect(host.strip("[]"), int(port), timeout), where,
+            "start it (`ray start --head --port PORT`) or fix --address")
+
+
+def _check_store_path(path: Path, uri: str) -> None:
+    """The store's file (or folder) must be writable where it exists, else its nearest existing parent folder: the
+    check creates nothing, so a refused search leaves no empty store behind."""
+    path = path.expanduser().resolve()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise ValueError(f"tracking store '{redact(uri)}' cannot be created: '{probe}' is a file, not a folder; "
+                         "pass another --tracking-uri")
+    folder = probe if probe.is_dir() else probe.parent
+    if not os.access(probe, os.W_OK) or not writable_folder(folder):
+        raise ValueError(f"tracking store '{redact(uri)}' is not writable ('{probe}' denies writing); "
+                         "pass a writable --tracking-uri")
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: tried (and removed at once), since permission bits do not tell
+    for root, read-only mounts or /proc."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _http_answers(uri: str, timeout: float) -> None:
+    """An MLflow server answers ``/health`` (200), or its REST API when a proxy hides that; 401/403 count as answers
+    (the server wants the credentials MLflow will send)."""
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(redact(uri))  # credentials are not needed to tell whether a server is there
+    base = parts.path.rstrip("/")
+    status = 0
+    for path, query in (("/health", ""), ("/api/2.0/mlflow/experiments/search", "max_results=1")):
+        url = urlunsplit(parts._replace(path=base + path, query=query, fragment=""))
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except urllib.error.URLError as e:
+            raise ConnectionError(str(e.reason)) from None
+        if status < 300 or status in (401, 403):
+            return
+    raise _WrongService(f"answers HTTP {status}, not as an MLflow tracking server")
+
+
+def _connect(host: str, port: int, timeout: float) -> None:
+    with socket.create_connection((host, port), timeout=timeout):
+        return
+
+
+def _find_local_cluster() -> str:
+    """The address ``ray.init(address="auto")`` would use ($RAY_ADDRESS, the last `ray start`, a running GCS)."""
+    from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup; no public equivalent
+
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        found = None
+    if not found:
+        raise ConnectionError("no running Ray cluster found")
+    return found
+
+
+def _within(timeout: float, fn: Callable[[], T], what: str, fix: str) -> T:
+    """``fn()`` on a daemon thread, given up after ``timeout`` seconds (socket timeouts do not bound name lookups,
+    and a daemon thread left hanging does not hold up the process's exit)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="embsize-preflight", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise ValueError(f"{what} does not answer within {timeout:g} s; {fix}")
+    if isinstance(box.get("error"), _WrongService):
+        raise ValueError(f"{what} {box['error']}; {fix}")
+    if "error" in box:
+        raise ValueError(f"{what} does not answer ({_reason(box['error'])}); {fix}") from None
+    return box.get("value")
+
+
+class _WrongService(Exception):
+    """Something answers, but not the service expected."""
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    if isinstance(e, socket.gaierror):
+        return "unknown host"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.strip().rstrip(".")

@@ -1,0 +1,174 @@
+"""Fail-fast checks of the tracking store and the Ray address, against real sockets and HTTP servers."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from search.preflight import check, check_ray_address, check_tracking, redact, writable_folder
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def http_server():
+    """Start a local HTTP server answering every GET with ``status``; yields a starter returning its URL."""
+    servers = []
+
+    def start(status: int, paths: tuple[str, ...] = ()) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                code = status if not paths or self.path.split("?")[0] in paths else 404
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections and never answers: HTTP requests to it hang until their timeout."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_check_tracking_accepts_a_server_answering_health(http_server):
+    check_tracking(http_server(200, ("/health",)), timeout=2)
+
+
+def test_check_tracking_accepts_rest_api_behind_a_proxy_and_auth(http_server):
+    check_tracking(http_server(200, ("/api/2.0/mlflow/experiments/search",)), timeout=2)
+    check_tracking(http_server(401), timeout=2)
+
+
+def test_check_tracking_refuses_a_server_that_is_not_mlflow(http_server):
+    url = http_server(404)
+    with pytest.raises(ValueError, match=r"answers HTTP 404, not as an MLflow tracking server"):
+        check_tracking(url, timeout=2)
+
+
+def test_check_tracking_refused_connection_names_uri_and_fix():
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(ValueError) as e:
+        check_tracking(uri, timeout=2)
+    message = str(e.value)
+    assert f"tracking server '{uri}' does not answer" in message and "--tracking-uri" in message
+    assert "\n" not in message
+
+
+def test_check_tracking_silent_server_fails_within_the_timeout(silent_server):
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="does not answer"):
+        check_tracking(f"http://127.0.0.1:{silent_server}", timeout=1)
+    assert time.perf_counter() - started < 5  # bounded: one timeout, not the OS default of minutes
+
+
+def test_check_tracking_message_hides_credentials():
+    with pytest.raises(ValueError) as e:
+        check_tracking(f"http://alice:s3cret@127.0.0.1:{_closed_port()}", timeout=2)
+    assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
+
+
+def test_check_tracking_unknown_host_fails_fast():
+    with pytest.raises(ValueError, match="does not answer"):
+        check_tracking("http://no-such-host.invalid:5000", timeout=3)
+
+
+def test_check_tracking_sqlite_store_is_checked_without_creating_it(tmp_path):
+    check_tracking(f"sqlite:///{tmp_path / 'a' / 'b' / 'mlflow.db'}")
+    assert list(tmp_path.iterdir()) == []  # nothing created
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_tracking(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
+
+
+def test_check_tracking_refuses_an_unwritable_store():
+    with pytest.raises(ValueError, match="is not writable"):
+        check_tracking("sqlite:////proc/embsize/mlflow.db")  # /proc refuses new files, even to root
+    with pytest.raises(ValueError, match="is not writable"):
+        check_tracking("/proc/embsize-mlruns")
+
+
+def test_check_tracking_database_store_is_connected_to():
+    with pytest.raises(ValueError, match=r"tracking database 'postgresql://127\.0\.0\.1:\d+/db' does not answer"):
+        check_tracking(f"postgresql://u:pw@127.0.0.1:{_closed_port()}/db", timeout=2)
+
+
+def test_check_ray_address_accepts_a_listening_port(silent_server):
+    check_ray_address(f"127.0.0.1:{silent_server}", timeout=2)
+    check_ray_address(f"ray://127.0.0.1:{silent_server}", timeout=2)
+
+
+@pytest.mark.parametrize("address", [None, "local"])
+def test_check_ray_address_local_needs_nothing(address):
+    check_ray_address(address)
+
+
+def test_check_ray_address_refused_names_address_and_fix():
+    address = f"127.0.0.1:{_closed_port()}"
+    with pytest.raises(ValueError) as e:
+        check_ray_address(address, timeout=2)
+    assert f"Ray cluster at '{address}' does not answer" in str(e.value)
+    assert "ray start --head" in str(e.value) and "--address" in str(e.value)
+
+
+@pytest.mark.parametrize("address", ["nohost", "host:port", "host:0", "host:70000", ":6379"])
+def test_check_ray_address_malformed(address):
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        check_ray_address(address)
+
+
+def test_check_ray_address_auto_follows_ray_address_env(monkeypatch):
+    """``auto`` uses Ray's own lookup, where $RAY_ADDRESS comes first; a stale address fails naming it."""
+    port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match=rf"Ray cluster at '[0-9.]+:{port}' \(found by --address auto\)"):
+        check_ray_address("auto", timeout=5)
+
+
+def test_check_runs_both_checks(tmp_path):
+    with pytest.raises(ValueError, match="Ray cluster"):
+        check(f"sqlite:///{tmp_path / 'm.db'}", f"127.0.0.1:{_closed_port()}", timeout=2)
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("https://user:pw@host:5000/path?x=1", "https://host:5000/path?x=1"),
+        ("http://token@host", "http://host"),
+        ("http://host:5000", "http://host:5000"),
+        ("sqlite:////a/b.db", "sqlite:////a/b.db"),
+        ("postgresql://u:p@[::1]:5432/db", "postgresql://[::1]:5432/db"),
+    ],
+)
+def test_redact_drops_credentials(uri, expected):
+    assert redact(uri) == expected
+
+
+def test_writable_folder_leaves_nothing(tmp_path):
+    assert writable_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert not writable_folder(tmp_path / "missing")
