@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -212,6 +212,7 @@ def test_evaluate_reports_nan_auc_for_one_class(data):
     assert math.isnan(auc) and math.isfinite(logloss)
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 6)), min_size=2, max_size=60))
 def test_roc_auc_equals_sklearn_with_ties(pairs):
     from sklearn.metrics import roc_auc_score
