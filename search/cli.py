@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else the search's store)")
     g.add_argument("--experiment", help="MLflow experiment (default: the search's)")
     t.set_defaults(func=cmd_train)
+
+    from .cli_review import add_review_commands  # `report` and `confirm`
+
+    add_review_commands(sub)
     return p
 
 

@@ -1,6 +1,13 @@
-"""Tables and the Pareto plot of a finished search."""
+"""Tables and plots of a finished search, and the report folder of `embsize report`.
+
+``trials_frame``/``front_frame``/``plot_front`` serve the runner (and any ``SearchResult``); the rest builds the
+report of a search read back from MLflow (``search.review``): the printed summary, the Pareto plot (PNG and
+interactive HTML), the learning curves of the front, the per-parameter sensitivity, and their upload to the parent
+run under ``report/``.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -76,3 +83,107 @@ def plot_front(result, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+REPORT_ARTIFACTS = "report"  # folder of the parent run's artifacts that holds the report
+
+
+def front_table(result) -> pd.DataFrame:
+    """``front_frame`` with the columns people read: label, flags, AUC, bytes, dims."""
+    frame = front_frame(result)
+    cols = ["label", "on_front", "recommended", "best_val_auc", "model_bytes"] + [c for c in frame if c.startswith("dim.")]
+    return frame[cols + ["trial_id"]]
+
+
+def report_text(result, sensitivity: pd.DataFrame | None = None, sensitivity_source: str = "") -> str:
+    """The report as the CLI prints it: counts, the front beside the heuristics, the recommendation, the
+    hypervolume, and the sensitivity table."""
+    counts = {k: sum(r["outcome"] == k for r in result.trials) for k in ("completed", "stopped_early", "failed")}
+    settings = (result.extra or {}).get("settings", {})
+    rule = settings.get("rule", "")
+    if rule == "epsilon":
+        rule = f"epsilon={settings.get('epsilon')}"
+    lines = [
+        f"search '{result.name}' (MLflow parent run {result.parent_run_id}): {len(result.trials)} trials, "
+        f"{counts['completed']} completed, {counts['stopped_early']} stopped early, {counts['failed']} failed",
+        "",
+        "Pareto front and heuristic baselines (validation AUC, fp32 model bytes):",
+        front_table(result).to_string(index=False),
+        "",
+    ]
+    rec = result.recommended
+    lines.append(f"recommended{' (' + rule + ')' if rule else ''}: trial {rec['trial_id']}  val AUC "
+                 f"{rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}")
+    lines.append("  dims: " + ", ".join(f"{k}={v}" for k, v in rec["dims"].items()))
+    ref = result.reference
+    ref_text = f"reference AUC {ref[0]}, bytes {ref[1]:,.0f}" if math.isfinite(ref[1]) else "reference unknown"
+    lines.append(f"hypervolume {result.hypervolume:.5f} ({ref_text})")
+    if sensitivity is not None:
+        lines += ["", f"Per-parameter sensitivity (fANOVA importance for val AUC, from the {sensitivity_source}):",
+                  sensitivity.to_string(index=False)]
+    return "\n".join(lines)
+
+
+def plot_learning_curves(result, histories: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Per-epoch validation AUC of the front's trials (``histories``: trial id -> (epoch, AUC) pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    picked = result.recommended["trial_id"]
+    for r in result.front:
+        h = histories.get(r["trial_id"], [])
+        if not h:
+            continue
+        label = HEURISTICS.get(r["heuristic"], r["trial_id"]) if r["heuristic"] else r["trial_id"]
+        dims = "/".join(str(v) for v in r["dims"].values())
+        ax.plot([e for e, _ in h], [v for _, v in h], marker="o", ms=3, lw=2.5 if r["trial_id"] == picked else 1.2,
+                label=f"{label} ({r['model_bytes']:,} B; dims {dims})" + (" - recommended" if r["trial_id"] == picked else ""))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation AUC")
+    ax.set_title(f"{result.name}: learning curves of the Pareto front (dims of {'/'.join(result.recommended['dims'])})",
+                 fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(result, out: Path, histories: dict, sensitivity: pd.DataFrame | None = None,
+                 sensitivity_source: str = "") -> dict[str, Path]:
+    """Write the report folder; returns name -> path of every file written."""
+    from pipelines.recipe import write_atomic
+
+    from .interactive import write_front_html
+    from .sensitivity import plot_sensitivity
+
+    out = Path(out)
+    files = {
+        "pareto.png": plot_front(result, out / "pareto.png"),
+        "pareto.html": write_front_html(result, out / "pareto.html"),
+        "learning_curves.png": plot_learning_curves(result, histories, out / "learning_curves.png"),
+        "front.csv": write_atomic(out / "front.csv", front_frame(result).to_csv(index=False)),
+        "trials.csv": write_atomic(out / "trials.csv", trials_frame(result.trials).to_csv(index=False)),
+    }
+    if sensitivity is not None:
+        files["sensitivity.csv"] = write_atomic(out / "sensitivity.csv", sensitivity.to_csv(index=False))
+        files["sensitivity.png"] = plot_sensitivity(sensitivity, out / "sensitivity.png",
+                                                    f"{result.name}: which dims matter for AUC ({sensitivity_source})")
+    files["report.txt"] = write_atomic(out / "report.txt", report_text(result, sensitivity, sensitivity_source) + "\n")
+    return files
+
+
+def log_report(result, files: dict[str, Path]) -> None:
+    """Upload the report folder to the parent run (artifacts under ``report/``)."""
+    from . import tracking
+
+    c = tracking.client(result.extra["tracking_uri"])
+    for path in files.values():
+        c.log_artifact(result.parent_run_id, str(path), REPORT_ARTIFACTS)

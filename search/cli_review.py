@@ -1,0 +1,108 @@
+"""`embsize report` and `embsize confirm`: review a finished search from MLflow (registered by ``cli.build_parser``)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .parsing import parse_list
+
+
+def add_review_commands(sub) -> None:
+    """Add the ``report`` and ``confirm`` subcommands to the CLI's subparsers."""
+    r = sub.add_parser("report", help="report a finished search from MLflow: front, baselines, sensitivity, plots")
+    _run_args(r)
+    r.add_argument("--out", help="report folder (default ./embsize-out/NAME/report)")
+    r.add_argument("--no-log", action="store_true", help="do not upload the report to the parent run")
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("confirm", help="retrain the front, the recommendation and the baselines with several seeds")
+    _run_args(c)
+    c.add_argument("--seeds", type=int, default=3, help="training seeds per candidate (>= 2; default 3)")
+    c.add_argument("--workers", type=int,
+                   help="retrains at once, one CPU each, as Ray tasks (default: 1, in this process; see README)")
+    c.add_argument("--out", help="confirmation folder (default ./embsize-out/NAME/confirm)")
+    g = c.add_argument_group("data (default: rebuilt from the search's run)")
+    g.add_argument("--data", help="the search's data source, when it cannot be rebuilt from the run's params")
+    g.add_argument("--label", help="label column of a CSV/Parquet file")
+    g.add_argument("--features", help="comma-separated feature columns (of a table, or a MovieLens subset)")
+    g.add_argument("--multi", help="comma-separated multi-valued feature columns of a table")
+    c.set_defaults(func=cmd_confirm)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="MLflow parent run id, or a search name (the latest search of that name)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns SQLite)")
+    p.add_argument("--experiment", default="embsize", help="MLflow experiment of a search given by name")
+
+
+def _review(args):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the terminal to the report
+    from .review import load_review
+
+    return load_review(args.run, args.tracking_uri, args.experiment)
+
+
+def cmd_report(args) -> int:
+    from .report import log_report, report_text, write_report
+    from .review import metric_histories
+    from .sensitivity import sensitivity
+
+    result = _review(args)
+    out = Path(args.out) if args.out else Path("embsize-out") / result.name / "report"
+    try:
+        table, source = sensitivity(result)
+    except ValueError as e:  # too few trials: the rest of the report still stands
+        table, source = None, ""
+        print(f"sensitivity: skipped ({e})")
+    files = write_report(result, out, metric_histories(result, result.front), table, source)
+    print(report_text(result, table, source))
+    print()
+    journal = result.extra["journal"]
+    if journal.is_file():
+        print(f"Optuna study: optuna-dashboard {journal}")
+    if not args.no_log:
+        log_report(result, files)
+    print(f"report: {out.resolve()}" + ("" if args.no_log else f" (also on MLflow run {result.parent_run_id}, "
+                                         "artifacts report/)"))
+    return 0
+
+
+def cmd_confirm(args) -> int:
+    from .cli import UsageError
+    from .confirm import ConfirmSettings, confirm, log_confirmation, rebuild_data, write_confirmation
+
+    if args.seeds < 2:
+        raise UsageError(f"--seeds is {args.seeds}, but must be >= 2 (one seed has no spread)")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers is {args.workers}, but must be >= 1")
+    result = _review(args)
+    options = {k: v for k, v in (("label", args.label), ("features", parse_list(args.features) or None),
+                                 ("multi", parse_list(args.multi) or None)) if v}
+    data = rebuild_data(result, args.data, **options)
+    st = result.extra["settings"]
+    settings = ConfirmSettings(
+        seeds=args.seeds, first_seed=st["seed"] + 1, max_epochs=st["max_epochs"], patience=st["patience"],
+        batch_size=st["batch_size"], workers=args.workers or 1, rule=st["rule"], epsilon=st["epsilon"],
+        budget=st["memory_budget"],
+    )
+    print(f"confirming search '{result.name}': retraining its front, recommendation and baselines with seeds "
+          f"{settings.seed_list} ({settings.workers} at once)", flush=True)
+    conf = confirm(result, data, settings)
+    out = Path(args.out) if args.out else Path("embsize-out") / result.name / "confirm"
+    files = write_confirmation(result, conf, data, out)
+    log_confirmation(result, conf, files)
+    cols = ["label", "recommended", "confirmed", "challenger", "model_bytes", "single_seed_auc", "mean_auc", "sd_auc"]
+    print(conf.table[cols + [c for c in conf.table if c.startswith("dim.")] + ["trial_id"]].to_string(index=False))
+    rec, new = conf.row(conf.recommended), conf.row(conf.confirmed)
+    print()
+    print(f"search's recommendation {conf.recommended}: single seed {rec['single_seed_auc']:.4f}, over "
+          f"{len(conf.seeds)} seeds {rec['mean_auc']:.4f} ± {rec['sd_auc']:.4f}")
+    print(f"confirmed recommendation {conf.confirmed}: {new['mean_auc']:.4f} ± {new['sd_auc']:.4f}, model bytes "
+          f"{int(new['model_bytes']):,}  [{conf.verdict}]")
+    if conf.seed_luck:
+        print(f"WARNING: the search's recommendation wins only by seed luck: {', '.join(conf.challengers)} beat(s) it "
+              "on mean AUC by more than the noise")
+    print(f"confirmed config: {files['confirmed.yaml'].resolve()} (also on MLflow run {result.parent_run_id}, "
+          f"artifacts confirm/); {conf.seconds:.0f} s")
+    return 0

@@ -1,0 +1,263 @@
+"""Load a finished search back from MLflow: the parent run and its nested trial runs -> the runner's records.
+
+Everything is read from the tracking store, so a search run on another machine (or by a colleague) can be reviewed
+from its MLflow server alone. Per trial run: the ``outcome``/``heuristic``/``trial_id``/``ended``/``error`` tags, the
+``best_val_auc`` and ``model_bytes`` metrics, and the config params (``dim.<feature>``, searched knobs). From the
+parent run: the rule and settings (``search.*`` params), the dataset (``dataset.*``), and two artifacts the search
+logged, ``recommended.yaml`` (features, fixed knobs, pinned dims) and ``summary.json`` (the hypervolume's
+reference point). The front, the recommendation and the hypervolume are recomputed from the trial runs with the same
+functions the runner uses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.dataset import FeatureInfo
+from pipelines.memory import embedding_bytes
+from pipelines.model import ModelConfig
+
+from .pareto import hypervolume, non_dominated
+from .recommend import recommend
+from .runner import SearchResult
+from .space import DIM_PREFIX, hidden_layers
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_PAGE = 1000  # MLflow's search_runs page size
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """What a trial config leaves out because the search did not vary it (read from the recommended recipe)."""
+
+    hidden: tuple[int, ...]  # MLP layers when the width is not searched
+    dropout: float
+    lr: float
+    pins: dict  # feature -> dim of features the search pinned
+
+
+def find_parent(c, run: str, experiment: str = "embsize"):
+    """The parent run named by ``run``: an MLflow run id, or a search name (tag ``embsize.name``; latest wins)."""
+    if _RUN_ID.match(run):
+        try:
+            found = c.get_run(run)
+        except Exception:  # MLflow raises its own exception type for an unknown id
+            found = None
+        if found is not None:
+            if found.data.tags.get("embsize.kind") != "search":
+                raise ValueError(f"MLflow run {run} is not an embsize search (no tag embsize.kind=search); "
+                                 "give the parent run of a search")
+            return found
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow experiment '{experiment}' does not exist in this store; check --experiment and "
+                         "--tracking-uri")
+    safe = run.replace("'", "")
+    runs = c.search_runs([exp.experiment_id], f"tags.`embsize.kind` = 'search' and tags.`embsize.name` = '{safe}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ValueError(f"no search named '{run}' (and no run with that id) in experiment '{experiment}'; "
+                         "give a parent run id or the --name of a search, and check --tracking-uri")
+    return runs[0]
+
+
+def child_runs(c, parent) -> list:
+    """The parent's nested trial runs, oldest first (the order in which Ray started them)."""
+    out, token = [], None
+    while True:
+        page = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                             max_results=_PAGE, order_by=["attributes.start_time ASC"], page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def load_review(run: str, tracking_uri: str | None = None, experiment: str = "embsize") -> SearchResult:
+    """The finished search ``run`` as a ``SearchResult`` built from MLflow only (see the module docstring).
+
+    ``extra`` holds: ``tracking_uri``, ``experiment_id``, ``params`` and ``metrics`` of the parent run, ``fixed``
+    (a ``Fixed``), ``features`` (FeatureInfo tuple), ``recipe`` (the recommended Recipe or None), ``settings``
+    (rule, epsilon, memory_budget, max_epochs, patience, batch_size, seed), ``journal`` (path of the Optuna journal
+    on this machine, may not exist) and ``tagged_recommendation`` (the trial id the search itself recommended).
+    """
+    from . import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    c = tracking.client(uri)
+    parent = find_parent(c, run, experiment)
+    params, metrics = dict(parent.data.params), dict(parent.data.metrics)
+    name = parent.data.tags.get("embsize.name") or params.get("search.name") or parent.info.run_name
+    recipe = _recipe(c, parent.info.run_id)
+    features = recipe.features if recipe is not None else _features(params)
+    children = child_runs(c, parent)
+    if not children:
+        raise ValueError(f"search '{name}' (run {parent.info.run_id}) has no trial runs; it did not get to train")
+    fixed = _fixed(c, parent.info.run_id, recipe, children)
+    records = [_record(r, features, fixed) for r in children]
+    settings = _settings(params)
+    done = [r for r in records if r["outcome"] == "completed" and math.isfinite(r["best_val_auc"])]
+    if not done:
+        raise ValueError(f"no trial of search '{name}' completed; nothing to review")
+    auc = np.array([r["best_val_auc"] for r in done])
+    size = np.array([r["model_bytes"] for r in done], dtype=float)
+    mask = non_dominated(auc, size)
+    for r, m in zip(done, mask):
+        r["on_front"] = bool(m)
+    front = sorted((r for r in done if r["on_front"]), key=lambda r: r["model_bytes"])
+    pick = done[recommend(auc, size, rule=settings["rule"], epsilon=settings["epsilon"],
+                          budget=settings["memory_budget"])]
+    tagged = parent.data.tags.get("recommended_trial", "")
+    if tagged and tagged != pick["trial_id"]:
+        log.warning("recomputed recommendation %s differs from the search's tag %s", pick["trial_id"], tagged)
+    ref = _reference(c, parent.info.run_id)
+    hv = hypervolume(auc[mask], size[mask], ref_auc=ref[0], ref_bytes=ref[1]) if math.isfinite(ref[1]) else \
+        float(metrics.get("hypervolume", math.nan))
+    out_dir = Path(params.get("search.output_dir", "embsize-out")) / name
+    extra = {
+        "tracking_uri": uri, "experiment_id": parent.info.experiment_id, "params": params, "metrics": metrics,
+        "fixed": fixed, "features": features, "recipe": recipe, "settings": settings,
+        "journal": out_dir / "optuna.journal", "tagged_recommendation": tagged,
+    }
+    recipe_path = out_dir / "recommended.yaml"
+    return SearchResult(name, out_dir, records, front, pick, recipe_path, hv, ref, parent.info.run_id, name,
+                        float(metrics.get("wall_seconds", 0.0)), extra)
+
+
+def trial_setup(result: SearchResult, record: dict) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, TrainConfig overrides) of a reviewed trial: its params, completed by the fixed values."""
+    fixed: Fixed = result.extra["fixed"]
+    config = record["config"]
+    hidden = hidden_layers(int(config["hidden"])) if "hidden" in config else fixed.hidden
+    dropout = float(config.get("dropout", fixed.dropout))
+    return ModelConfig(dict(record["dims"]), hidden, dropout), {"lr": float(config.get("lr", fixed.lr))}
+
+
+def metric_histories(result: SearchResult, records: list[dict], metric: str = "val_auc") -> dict[str, list]:
+    """Per trial id, the (step, value) history of ``metric`` (per-epoch val AUC by default) from MLflow."""
+    from . import tracking
+
+    c = tracking.client(result.extra["tracking_uri"])
+    return {
+        r["trial_id"]: [(m.step, m.value) for m in sorted(c.get_metric_history(r["run_id"], metric), key=lambda m: m.step)]
+        for r in records
+    }
+
+
+def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    config = {k: _typed(k, v) for k, v in params.items()}
+    dims = {f.name: config.get(DIM_PREFIX + f.name, fixed.pins.get(f.name)) for f in features}
+    missing = [n for n, d in dims.items() if d is None]
+    if missing:
+        raise ValueError(f"trial run {run.info.run_id} has no dim for '{missing[0]}' and the search's recipe does "
+                         "not pin it; was the search run with an older embsize?")
+    outcome = tags.get("outcome") or ("failed" if run.info.status == "FAILED" else "unfinished")
+    return {
+        "trial_id": tags.get("trial_id", run.info.run_name),
+        "heuristic": tags.get("heuristic", ""),
+        "outcome": outcome,
+        "best_val_auc": float(metrics.get("best_val_auc", math.nan)),
+        "model_bytes": int(metrics.get("model_bytes", 0)),
+        "embedding_bytes": int(sum(embedding_bytes(features, dims).values())),
+        "epochs": int(tags.get("epochs_trained", metrics.get("epochs_trained", 0))),
+        "ended": tags.get("ended", ""),
+        "dims": dims,
+        "config": config,
+        "run_id": run.info.run_id,
+        "error": tags.get("error", ""),
+        "on_front": False,
+    }
+
+
+def _typed(key: str, value: str):
+    if key.startswith(DIM_PREFIX) or key == "hidden":
+        return int(float(value))
+    if key in ("lr", "dropout"):
+        return float(value)
+    return value
+
+
+def _settings(params: dict) -> dict:
+    def num(key: str, cast, default):
+        v = params.get(f"search.{key}", "None")
+        return default if v in ("None", "") else cast(float(v))
+
+    return {
+        "rule": params.get("search.rule", "epsilon"),
+        "epsilon": num("epsilon", float, 0.002),
+        "memory_budget": num("memory_budget", int, None),
+        "max_epochs": num("max_epochs", int, 12),
+        "patience": num("patience", int, 3),
+        "batch_size": num("batch_size", int, 1024),
+        "seed": num("seed", int, 0),
+        "lr": num("lr", float, 3e-3),
+    }
+
+
+def _features(params: dict) -> tuple[FeatureInfo, ...]:
+    """Fallback when the recipe artifact is missing: names and cardinalities from the parent's params (kind unknown:
+    only the byte counts use them, and those do not depend on it)."""
+    prefix = "dataset.cardinality."
+    return tuple(FeatureInfo(k[len(prefix):], False, int(v)) for k, v in params.items() if k.startswith(prefix))
+
+
+def _recipe(c, run_id: str):
+    from pipelines.recipe import Recipe
+
+    path = _download(c, run_id, "recommended.yaml")
+    return Recipe.load(path) if path is not None else None
+
+
+def _fixed(c, run_id: str, recipe, children: list) -> Fixed:
+    if recipe is None:
+        from pipelines.train import TrainConfig
+
+        return Fixed(ModelConfig.hidden, ModelConfig.dropout, TrainConfig.lr, {})
+    # A trial config lacks exactly the values the search did not vary, so the recommended trial's recipe holds them.
+    # Pinned dims too, unless the recommendation is a heuristic baseline (baselines set every dim themselves): then
+    # the pins come from a sampled trial's row of the trials.csv artifact.
+    by_id = {r.data.tags.get("trial_id"): r for r in children}
+    picked = by_id.get(recipe.provenance.get("trial_id"))
+    pins = dict(recipe.model.dims)
+    if picked is not None and picked.data.tags.get("heuristic"):
+        pins = _sampled_dims(c, run_id)
+    return Fixed(tuple(recipe.model.hidden), float(recipe.model.dropout), float(recipe.train.lr), pins)
+
+
+def _sampled_dims(c, run_id: str) -> dict:
+    import pandas as pd
+
+    path = _download(c, run_id, "trials.csv")
+    if path is None:
+        return {}
+    frame = pd.read_csv(path)
+    sampled = frame[frame["heuristic"].isna() | (frame["heuristic"].astype(str) == "")]
+    if sampled.empty:
+        return {}
+    row = sampled.iloc[0]
+    return {k[len(DIM_PREFIX):]: int(row[k]) for k in frame.columns if k.startswith(DIM_PREFIX)}
+
+
+def _reference(c, run_id: str) -> tuple[float, float]:
+    path = _download(c, run_id, "summary.json")
+    if path is None:
+        return 0.5, math.nan
+    ref = json.loads(Path(path).read_text()).get("reference", {})
+    return float(ref.get("auc", 0.5)), float(ref.get("model_bytes", math.nan))
+
+
+def _download(c, run_id: str, name: str) -> str | None:
+    import tempfile
+
+    if name not in {a.path for a in c.list_artifacts(run_id)}:
+        return None
+    return c.download_artifacts(run_id, name, tempfile.mkdtemp(prefix="embsize-review-"))

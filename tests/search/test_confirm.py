@@ -1,0 +1,111 @@
+"""`embsize confirm`: the decision rule on injected per-seed AUCs, and one real end-to-end confirmation."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.model import ModelConfig
+from pipelines.recipe import Recipe
+from search.cli import main
+from search.confirm import Candidate, ConfirmSettings, decide, rebuild_data
+from search.review import load_review
+
+from .small_search import small_search
+
+
+def _cand(trial_id: str, size: int, single: float, label: str = "search") -> Candidate:
+    return Candidate(trial_id, label, ModelConfig({"a": size // 100, "b": 2}), 3e-3, size, single)
+
+
+# The single-seed winner "big" (0.820) is worse on average than "small" over three seeds: seed luck.
+LUCKY = [_cand("tiny", 100, 0.700), _cand("small", 200, 0.800), _cand("big", 400, 0.820), _cand("sqrt", 800, 0.790, "√n")]
+LUCKY_AUCS = {"tiny": [0.70, 0.71, 0.69], "small": [0.81, 0.82, 0.815], "big": [0.82, 0.78, 0.77],
+              "sqrt": [0.79, 0.79, 0.80]}
+
+
+def test_decide_flags_a_recommendation_that_wins_only_by_seed_luck():
+    conf = decide(LUCKY, LUCKY_AUCS, recommended="big", rule="epsilon", epsilon=0.0)
+    assert conf.seed_luck and conf.verdict == "seed luck"
+    assert conf.challengers == ["small"]  # smaller and better on average beyond the noise ("sqrt" is within it)
+    assert conf.confirmed == "small"
+    row = conf.row("big")
+    assert row["mean_auc"] == pytest.approx(0.79) and row["sd_auc"] == pytest.approx(0.026458, abs=1e-5)
+    assert row["se_auc"] == pytest.approx(0.026458 / math.sqrt(3), abs=1e-5)
+    assert list(conf.table["model_bytes"]) == [100, 200, 400, 800]
+
+
+def test_decide_confirms_a_recommendation_that_holds_on_average():
+    aucs = {**LUCKY_AUCS, "big": [0.82, 0.83, 0.825]}
+    conf = decide(LUCKY, aucs, recommended="big", rule="epsilon", epsilon=0.0)
+    assert (conf.seed_luck, conf.verdict, conf.confirmed, conf.challengers) == (False, "confirmed", "big", [])
+
+
+def test_decide_does_not_call_noise_luck():
+    # "small" beats "big" on mean by 0.007, inside the noise of the difference (0.016): re-picked, not flagged.
+    aucs = {**LUCKY_AUCS, "small": [0.78, 0.83, 0.80], "big": [0.81, 0.79, 0.79]}
+    conf = decide(LUCKY, aucs, recommended="big", rule="epsilon", epsilon=0.0)
+    assert conf.confirmed == "small" and not conf.seed_luck and conf.verdict == "changed within noise"
+
+
+def test_decide_gives_a_larger_challenger_the_epsilon_allowance():
+    # "big" beats R = "small" on mean by 0.03: luck only if that exceeds the epsilon a larger model is allowed.
+    aucs = {**LUCKY_AUCS, "small": [0.80, 0.80, 0.80], "big": [0.83, 0.83, 0.83]}
+    assert not decide(LUCKY, aucs, "small", "epsilon", epsilon=0.04).seed_luck  # within the allowance
+    flagged = decide(LUCKY, aucs, "small", "epsilon", epsilon=0.02)
+    assert flagged.seed_luck and flagged.challengers == ["big"]
+    assert not decide(LUCKY, aucs, "small", "knee").seed_luck  # the knee trades larger-and-better away
+
+
+def test_decide_budget_rule_ignores_candidates_over_the_budget():
+    aucs = {**LUCKY_AUCS, "big": [0.70, 0.70, 0.70], "sqrt": [0.90, 0.90, 0.90]}
+    conf = decide(LUCKY, aucs, "big", "budget", budget=500)
+    assert conf.challengers == ["small"] and conf.confirmed == "small"
+
+
+def test_decide_refuses_bad_input():
+    with pytest.raises(ValueError, match="recommended trial 'nope' is not among the candidates"):
+        decide(LUCKY, LUCKY_AUCS, "nope")
+    with pytest.raises(ValueError, match="candidate 'tiny' has fewer than 2 seed results"):
+        decide(LUCKY, {**LUCKY_AUCS, "tiny": [0.7]}, "big")
+    with pytest.raises(ValueError, match="seeds is 1, but must be >= 2"):
+        ConfirmSettings(seeds=1)
+
+
+@pytest.mark.slow
+def test_confirm_end_to_end_retrains_and_logs_to_the_parent_run(ray_session, tmp_path_factory, tmp_path, capsys):
+    result, uri, _, _ = small_search(tmp_path_factory)
+    out = tmp_path / "confirm"
+    assert main(["confirm", "small", "--seeds", "2", "--workers", "2", "--tracking-uri", uri, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    table = pd.read_csv(out / "confirm.csv")
+    reviewed = load_review(result.parent_run_id, uri)
+    heuristics = {r["trial_id"] for r in reviewed.trials if r["heuristic"] and r["outcome"] == "completed"}
+    expected = {r["trial_id"] for r in reviewed.front} | heuristics | {reviewed.recommended["trial_id"]}
+    assert set(table["trial_id"]) == expected
+    assert table["recommended"].sum() == 1 and table["confirmed"].sum() == 1
+    assert ((table["auc_seed0"] + table["auc_seed1"]) / 2 - table["mean_auc"]).abs().max() < 1e-4
+    assert (table["sd_auc"] > 0).all()  # different seeds, different models
+    confirmed = table.loc[table["confirmed"], "trial_id"].item()
+    recipe = Recipe.load(out / "confirmed.yaml")
+    assert recipe.provenance["trial_id"] == confirmed
+    assert recipe.expected["seeds"] == [2, 3]  # the search's seed (1) + 1 ... + k
+    assert recipe.model_bytes() == table.loc[table["confirmed"], "model_bytes"].item()
+    parent = MlflowClient(uri).get_run(result.parent_run_id)
+    assert parent.data.tags["confirmed_trial"] == confirmed
+    assert parent.data.metrics["confirmed_val_auc_mean"] == pytest.approx(table.loc[table["confirmed"], "mean_auc"].item())
+    assert parent.data.metrics["confirm_seeds"] == 2
+    uploaded = {a.path for a in MlflowClient(uri).list_artifacts(result.parent_run_id, "confirm")}
+    assert uploaded == {"confirm/confirm.csv", "confirm/confirmed.yaml"}
+    assert f"confirmed recommendation {confirmed}" in text and parent.data.tags["confirm_verdict"] in text
+
+
+@pytest.mark.slow
+def test_confirm_rebuilt_data_must_match_the_searchs_fingerprint(ray_session, tmp_path_factory):
+    result, uri, _, _ = small_search(tmp_path_factory)
+    reviewed = load_review(result.parent_run_id, uri)
+    assert rebuild_data(reviewed).fingerprint == reviewed.extra["params"]["dataset.fingerprint"]
+    with pytest.raises(ValueError, match="but the search trained on"):
+        rebuild_data(reviewed, "synthetic", synthetic_rows=5_000)
