@@ -5,6 +5,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,10 @@ from .parsing import parse_bytes, parse_dims, parse_ints, parse_list
 
 class UsageError(Exception):
     """Bad input found by the CLI itself."""
+
+
+class SearchFailed(RuntimeError):
+    """A search that ran but produced no result (every trial failed): exit code 1, one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,10 +117,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from . import tracking
-    from .runner import SearchSettings, run_search
-    from .space import SearchSpec, build_space, load_spec
+    from . import preflight
+    from .resume import check_name
 
+    if args.resume:
+        args = _resumed(args)
     if args.trials < 1:
         raise UsageError(f"--trials is {args.trials}, but must be >= 1")
     if args.max_epochs < 1:
@@ -126,12 +132,29 @@ def cmd_search(args) -> int:
         raise UsageError(f"--gpus-per-trial is {args.gpus_per_trial}, but must be >= 0")
     if not 0 <= args.epsilon < 1:
         raise UsageError(f"--epsilon is {args.epsilon}, but must be in [0, 1)")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--patience", args.patience, 0),
+                             ("--grace-period", args.grace_period, 1), ("--max-concurrent", args.max_concurrent, 1),
+                             ("--num-cpus", args.num_cpus, 1), ("--max-failures", args.max_failures, -1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} is {value}, but must be >= {low}" + (" (-1: retry forever)" if low < 0 else ""))
+    if not args.reduction_factor > 1:
+        raise UsageError(f"--reduction-factor is {args.reduction_factor}, but must be > 1")
+    if args.name:
+        check_name(args.name)
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    out_dir = Path(args.output_dir).resolve()
+    _check_writable(out_dir)
+    uri = preflight.resolve_tracking_uri(args.tracking_uri)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    preflight.check(uri, address)  # before torch, Ray and the data load: an unreachable service fails in seconds
+
+    from . import resume
+    from .runner import NoTrialCompleted, SearchSettings, run_search
+    from .space import SearchSpec, build_space, load_spec
+
     rule = "knee" if args.knee else ("budget" if budget is not None and args.rule_budget else "epsilon")
     spec = load_spec(args.spec) if args.spec else SearchSpec()
     spec = _spec_overrides(spec, args)
-    out_dir = Path(args.output_dir).resolve()
-    _check_writable(out_dir)
     data, info = _load(args)
     space = build_space(data.features, spec)
     if budget is not None and space.min_bytes() > budget:
@@ -139,24 +162,52 @@ def cmd_search(args) -> int:
             f"--memory-budget {budget:,} bytes is below the smallest model in the search space "
             f"({space.min_bytes():,} bytes); raise the budget or lower --min-dim/--hidden"
         )
-    name = args.name or f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = SearchSettings(
         name=name, trials=args.trials, max_epochs=args.max_epochs, patience=args.patience,
         batch_size=args.batch_size, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, scheduler=args.scheduler,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, memory_budget=budget, rule=rule,
         epsilon=args.epsilon, heuristics=not args.no_heuristics, seed=args.seed,
-        tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), experiment=args.experiment,
-        output_dir=str(out_dir), address=args.address or os.environ.get("RAY_ADDRESS") or None,
+        tracking_uri=uri, experiment=args.experiment,
+        output_dir=str(out_dir), address=address,
         num_cpus=args.num_cpus, max_failures=args.max_failures,
     )
+    previous = resume.load(settings.out)
+    if previous is not None:  # run_search checks again; here it is refused before anything is printed
+        resume.check_same(previous, resume.identity(settings, data, space, uri), name)
     print(data.summary())
+    if previous is not None:
+        print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
     progress = _Progress(args.trials)
-    result = run_search(data, space, settings, info, on_event=progress)
+    command = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+    command.update(name=name, output_dir=str(out_dir))
+    if args.tracking_uri and preflight.redact(args.tracking_uri) != args.tracking_uri:
+        command.pop("tracking_uri")  # credentials stay out of files: give the URI again when resuming
+    try:
+        result = run_search(data, space, settings, info, on_event=progress, command=command)
+    except NoTrialCompleted as e:
+        raise SearchFailed(str(e)) from None
     _print_result(result)
     return 0
+
+
+def _resumed(args) -> argparse.Namespace:
+    """The options that started the search ``--resume`` names, with the ones given now (those not at their default)
+    on top; a changed setting that defines the search is then refused by ``run_search``, naming it."""
+    from .resume import check_name, stored_command
+
+    if args.name and args.name != args.resume:
+        raise UsageError(f"--resume {args.resume} and --name {args.name} name different searches; give one of them")
+    out_dir = Path(args.output_dir).resolve()
+    stored = stored_command(out_dir / check_name(args.resume), args.resume)
+    defaults = vars(build_parser().parse_args(["search"]))
+    merged = {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
+    merged.update({k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]})
+    merged.update(name=args.resume, output_dir=str(out_dir), func=args.func)
+    return argparse.Namespace(**merged)
 
 
 def _spec_overrides(spec, args):
@@ -178,10 +229,12 @@ def _spec_overrides(spec, args):
 
 
 def _check_writable(out_dir: Path) -> None:
+    from .preflight import writable_folder
+
     probe = out_dir
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
+    if not probe.is_dir() or not writable_folder(probe):
         raise UsageError(f"output directory '{out_dir}' is not writable; choose another with --output-dir")
 
 
@@ -199,6 +252,9 @@ class _Progress:
             self.running.add(trial.trial_id)
             return
         if kind == "result":
+            return
+        if kind == "retried":
+            print(f"  trial {trial.trial_id} failed; retrying it from its last checkpoint (--max-failures)", flush=True)
             return
         self.running.discard(trial.trial_id)
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -257,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--knee", action="store_true", help="recommend the knee of the front")
     g.add_argument("--epsilon", type=float, default=0.002, help="recommend the smallest model within this AUC of the best")
     g.add_argument("--no-heuristics", action="store_true", help="skip the rule-of-thumb baselines")
-    g.add_argument("--name", help="search name (output folder, Ray experiment, Optuna study, MLflow run)")
+    g.add_argument("--name", help="search name (output folder, Ray experiment, Optuna study, MLflow run); "
+                                  "an existing search of that name is continued")
+    g.add_argument("--resume", metavar="NAME",
+                   help="continue the interrupted search NAME in --output-dir with the options it was started with")
     g.add_argument("--output-dir", default="embsize-out", help="where search outputs go (default ./embsize-out)")
     r = s.add_argument_group("resources and tracking")
     r.add_argument("--cpus-per-trial", type=float, default=1)
@@ -265,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / cpus-per-trial)")
     r.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     r.add_argument("--address", help="Ray cluster address (auto | HOST:PORT); default $RAY_ADDRESS or a local Ray")
-    r.add_argument("--max-failures", type=int, default=1, help="retries of a trial whose worker died")
+    r.add_argument("--max-failures", type=int, default=1,
+                   help="retries of a failed trial (lost worker, error), each from its last epoch checkpoint")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns SQLite)")
     r.add_argument("--experiment", default="embsize", help="MLflow experiment name")
     s.set_defaults(func=cmd_search, rule_budget=True)
@@ -310,8 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"embsize: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("embsize: interrupted", file=sys.stderr)
+    except SearchFailed as e:
+        print(f"embsize: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"embsize: {e}" if str(e) else "embsize: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,7 +1,8 @@
 """Run one search: MLflow parent run -> Ray Tune (Optuna sampling, ASHA stopping) -> front -> recommendation.
 
 The outputs of a search named NAME go to OUT/NAME/: recommended.yaml, front.csv, trials.csv, pareto.png,
-summary.json, the Optuna study journal (optuna.journal) and Ray Tune's experiment folder (ray/).
+summary.json, the Optuna study journal (optuna.journal), Ray Tune's experiment folder (ray/) and search.json, which
+lets the same command (or ``embsize search --resume NAME``) continue an interrupted search (search/resume.py).
 """
 from __future__ import annotations
 
@@ -102,26 +103,45 @@ def run_search(
     dataset_info: dict | None = None,
     on_event: Callable | None = None,
     baselines: dict[str, dict] | None = None,
+    command: dict | None = None,
 ) -> SearchResult:
-    """Run the search; ``baselines`` (label -> config) replaces the heuristic baselines when given."""
+    """Run the search, or continue it when OUT/NAME holds an interrupted (or finished) one with the same settings.
+
+    ``baselines`` (label -> config) replaces the heuristic baselines when given; ``command`` (the CLI's options) is
+    kept in search.json for ``embsize search --resume NAME``. Before anything is written or launched, the tracking
+    store and the Ray address must answer (search/preflight.py); a ``ValueError`` names what is wrong.
+    """
     import optuna
     import ray
     from ray import tune
 
-    from . import tracking
+    from . import preflight, resume, tracking
     from .schedulers import make_scheduler
     from .searcher import DimSearch
 
     started = time.perf_counter()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 below: Ray prints nothing, the CLI reports
+    resume.check_name(settings.name)
     out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
     uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
+    preflight.check(uri, settings.address)
+    identity = resume.identity(settings, data, space, uri)
+    previous = resume.load(out)
+    if previous is not None:
+        resume.check_same(previous, identity, settings.name)
+    experiment = out / "ray" / settings.name
+    restoring = previous is not None and tune.Tuner.can_restore(str(experiment))
+    out.mkdir(parents=True, exist_ok=True)
+    if previous is None:
+        resume.save(out, identity, command)
+    else:
+        log.info("continuing search '%s' in %s (%s)", settings.name, out,
+                 "Ray experiment restored" if restoring else "no Ray experiment state yet: trials start afresh")
     info = dataset_info or {}
     # MLflow's first use (import, schema migrations of a new SQLite store) takes seconds: open the parent run on a
     # thread while Ray starts and launches the first trials; the trial-run writer waits for it.
     pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
-    opened = pool.submit(_open_parent, uri, settings, data, info)
+    opened = pool.submit(_open_parent, uri, settings, data, info, previous is not None)
     pool.shutdown(wait=False)
     try:
         if not ray.is_initialized():
@@ -137,9 +157,6 @@ def run_search(
             heuristics = dict(baselines)
         else:
             heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
-        searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
-        scheduler = make_scheduler(settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
         trial_settings = TrialSettings(
             settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
             settings.cpus_per_trial, settings.sparse,
@@ -151,47 +168,121 @@ def run_search(
         trainable = tune.with_resources(trainable, resources)
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
-        runs = tracking.TrialRuns(uri, opened, on_event)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=settings.trials + len(heuristics),
-                max_concurrent_trials=concurrent,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=settings.name,
-                storage_path=str(out / "ray"),
-                callbacks=[runs],
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            ),
-        )
+        failures = tune.FailureConfig(max_failures=settings.max_failures)
+        if restoring:
+            tuner, runs = _restore(experiment, trainable, uri, opened, on_event, failures)
+        else:
+            storage = optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+            searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
+            searcher.fail_untracked()  # a study an interrupted start left behind: its running trials are orphans
+            scheduler = make_scheduler(
+                settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
+            runs = tracking.TrialRuns(uri, opened, on_event)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=settings.trials + len(heuristics),
+                    max_concurrent_trials=concurrent,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=settings.name,
+                    storage_path=str(out / "ray"),
+                    callbacks=[runs],
+                    verbose=0,
+                    failure_config=failures,
+                    # Every epoch checkpoint is kept while the search runs: Ray saves its experiment state (which
+                    # names each trial's checkpoint) every ~10 s and asynchronously, so with num_to_keep=1 or 2 a
+                    # killed driver leaves a state naming a checkpoint already deleted, and that trial cannot
+                    # resume. The checkpoints are deleted when the search has finished (_prune_checkpoints).
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                ),
+            )
         try:
             grid = tuner.fit()
         finally:
             runs.close()
         c, exp_id, parent_id = opened.result()
-        records = _records(grid, space, runs.runs)
+        if runs.unfinished or len(grid) < settings.trials + len(heuristics):  # Ray stops early on Ctrl-C / SIGUSR1
+            raise SearchInterrupted(
+                f"search '{settings.name}' was interrupted; continue it with "
+                f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
+            )
+        run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in tracking.child_runs(c, exp_id, parent_id)}
+        records = _records(grid, space, {**run_ids, **runs.runs})
         ref = reference_point(space, heuristics)
         result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
         result.seconds = time.perf_counter() - started
         _log_parent(c, parent_id, result)
+        tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
         c.set_terminated(parent_id, "FINISHED")
+        _prune_checkpoints(experiment)
         return result
-    except BaseException:
-        c, _, parent_id = opened.result()
-        c.set_terminated(parent_id, "FAILED")
+    except BaseException as e:
+        c, exp_id, parent_id = opened.result()
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if interrupted:  # trial runs Ray stopped: closed KILLED, reopened when the search is resumed
+            tracking.close_interrupted(c, exp_id, parent_id)
+        c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
         raise
 
 
-def _open_parent(uri: str, settings: SearchSettings, data: EncodedDataset, info: dict) -> tuple[object, str, str]:
+class NoTrialCompleted(RuntimeError):
+    """Every trial failed or was stopped early: there is nothing to recommend."""
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """The search stopped before its trials were done (Ctrl-C); its state is saved for a resume."""
+
+
+def _restore(experiment: Path, trainable, uri: str, opened, on_event, failures):
+    """The interrupted experiment's Tuner (finished trials kept, running ones continued from their checkpoints,
+    failed ones left failed), with its MLflow callback reconnected to this process."""
+    from ray import tune
+
+    from .tracking import TrialRuns
+
+    tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    # Tuner.restore unpickles the original RunConfig and has no public accessor for it (ray-project/ray#41364); its
+    # callbacks must be given this process's MLflow store and progress printer, and --max-failures may change.
+    run_config = tuner._local_tuner.get_run_config()
+    runs = next(cb for cb in run_config.callbacks if isinstance(cb, TrialRuns))
+    runs.rewire(uri, opened, on_event)
+    run_config.failure_config = failures
+    return tuner, runs
+
+
+def _prune_checkpoints(experiment: Path) -> None:
+    """Delete the trials' epoch checkpoints of a finished search: they serve only to resume unfinished trials."""
+    import shutil
+
+    freed = 0
+    for ckpt in experiment.glob("*/checkpoint_*"):
+        if ckpt.is_dir():
+            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            shutil.rmtree(ckpt, ignore_errors=True)
+    log.info("deleted the trial checkpoints of %s (%.1f MB)", experiment, freed / 1e6)
+
+
+def _open_parent(
+    uri: str, settings: SearchSettings, data: EncodedDataset, info: dict, reuse: bool = False
+) -> tuple[object, str, str]:
     from . import tracking
 
     c = tracking.client(uri)
     exp_id = tracking.ensure_experiment(c, settings.experiment, uri)
+    found = tracking.find_search_run(c, exp_id, settings.name) if reuse else None
+    if found is not None:  # a resumed search: the same parent run, RUNNING again; its params stay as first logged
+        parent_id = found.info.run_id
+        c.update_run(parent_id, status="RUNNING")
+        c.set_tag(parent_id, "embsize.resumed", str(int(found.data.tags.get("embsize.resumed", "0")) + 1))
+        closed = tracking.close_interrupted(c, exp_id, parent_id)
+        log.info("reusing MLflow run %s of search '%s'; %d interrupted trial runs closed", parent_id, settings.name,
+                 closed)
+        return c, exp_id, parent_id
     parent = c.create_run(exp_id, run_name=settings.name, tags={"embsize.kind": "search", "embsize.name": settings.name})
     parent_id = parent.info.run_id
     c.log_batch(
@@ -211,6 +302,7 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
 
     records = []
     for r in grid:
+        error = [ln for ln in str(r.error).splitlines() if ln.strip()] if r.error is not None else []
         metrics = r.metrics or {}
         config = r.config or {}
         model_cfg, _ = space.decode(config)
@@ -227,7 +319,7 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
                 "dims": dict(model_cfg.dims),
                 "config": {k: v for k, v in config.items()},
                 "run_id": run_ids.get(metrics.get("trial_id", ""), ""),
-                "error": str(r.error).splitlines()[0] if r.error is not None else "",
+                "error": error[-1].strip() if error else "",  # the exception line, after Ray's traceback
             }
         )
     return records
@@ -236,7 +328,7 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
 def _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info) -> SearchResult:
     done = [r for r in records if r["outcome"] == "completed" and math.isfinite(r["best_val_auc"])]
     if not done:
-        raise RuntimeError(
+        raise NoTrialCompleted(
             f"no trial of search '{settings.name}' completed (see {settings.out / 'trials.csv'}); "
             "check the trial errors in MLflow or raise --trials"
         )
@@ -284,7 +376,7 @@ def _write_tables(result: SearchResult) -> None:
     out = result.out
     write_atomic(out / "trials.csv", trials_frame(result.trials).to_csv(index=False))
     write_atomic(out / "front.csv", front_frame(result).to_csv(index=False))
-    plot_front(result, out / "pareto.png")
+    _atomic(out / "pareto.png", lambda tmp: plot_front(result, tmp))
     summary = {
         "name": result.name,
         "hypervolume": result.hypervolume,
@@ -299,6 +391,17 @@ def _write_tables(result: SearchResult) -> None:
         "parent_run_id": result.parent_run_id,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` then rename onto ``path`` (like ``write_atomic``, for files a library writes by name)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells matplotlib the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _log_parent(c, parent_id: str, result: SearchResult) -> None:
@@ -331,7 +434,6 @@ def _params(d: dict):
 
 def _redact(uri: str) -> str:
     """Drop user:password@ from a URI so credentials never land in a file."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return uri
+    from .preflight import redact
+
+    return redact(uri)

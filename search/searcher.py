@@ -8,6 +8,9 @@ What Ray's OptunaSearch does not do, and this subclass adds:
   ``rejected``) and never reaches a worker.
 - Heuristic baselines (√n, fastai, ...) run first as labelled trials; when their config lies inside the sampled space
   they are added to the study as completed warm-start points once trained.
+- A resumed search (Ray restores this searcher from its last experiment checkpoint, the study from its journal) may
+  find trials the journal already finished after that checkpoint: telling them again is skipped, not an error. Study
+  trials left RUNNING by the interrupted driver that Ray will not continue are marked FAIL (``outcome`` interrupted).
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ class DimSearch(OptunaSearch):
         final = bool(result and result.get("final")) and not error
         values = _values(result) if final else None
         if config.get("heuristic"):
-            if values is not None and self.dim_space.contains(config):
+            if values is not None and self.dim_space.contains(config) and not self._added(trial_id):
                 params = {k: config[k] for k in self.dim_space.distributions()}
                 trial = optuna.trial.create_trial(
                     params=params,
@@ -103,7 +106,7 @@ class DimSearch(OptunaSearch):
                 self._ot_study.add_trial(trial)
             return
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
+        if ot_trial is None or self._finished(ot_trial):  # finished: told before an interrupted driver's last save
             return
         ot_trial.set_user_attr("ray_trial_id", trial_id)
         if result:
@@ -118,6 +121,30 @@ class DimSearch(OptunaSearch):
         else:
             ot_trial.set_user_attr("outcome", "stopped_early")
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_untracked()
+
+    def fail_untracked(self) -> None:
+        """Mark FAIL the study's RUNNING trials no Ray trial stands for: asked by a driver that was killed before it
+        saved them (a resumed search's Ray trials are exactly the saved ones)."""
+        import optuna
+
+        tracked = {t._trial_id for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if frozen._trial_id not in tracked:  # asked after the last save: its Ray trial was never saved
+                self._ot_study._storage.set_trial_user_attr(frozen._trial_id, "outcome", "interrupted")
+                self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                log.info("study trial %d was left running by an interrupted search: marked FAIL", frozen.number)
+
+    def _finished(self, ot_trial) -> bool:
+        return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
+    def _added(self, trial_id: str) -> bool:
+        """Whether a baseline's warm-start point is in the study already (added before an interrupted driver's last
+        save)."""
+        return any(t.user_attrs.get("ray_trial_id") == trial_id for t in self._ot_study.get_trials(deepcopy=False))
 
 
 def _values(result: dict | None) -> list[float] | None:

@@ -18,19 +18,10 @@ from typing import Callable
 
 from ray.tune import Callback
 
+# where runs go is decided in preflight (light: the CLI checks the store before importing Ray); re-exported here
+from .preflight import DEFAULT_STORE, default_tracking_uri, resolve_tracking_uri  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-DEFAULT_STORE = "mlruns"  # relative to the current directory: sqlite db + artifacts, no server
-
-
-def default_tracking_uri(root: Path | None = None) -> str:
-    base = (root or Path.cwd()) / DEFAULT_STORE
-    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded store under ./mlruns."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def is_local_store(uri: str) -> bool:
@@ -47,6 +38,10 @@ def artifact_root(uri: str) -> str | None:
 def client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
+
+    # MLflow prints a "View run" link for every run it ends on a server, with the tracking URI as given: one line per
+    # trial is noise, and the URI may hold a password (the CLI prints the parent run once, credentials removed)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +68,45 @@ def params_of(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def find_search_run(c, experiment_id: str, name: str):
+    """The newest parent run of the search ``name`` in the experiment, or None."""
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`embsize.kind` = 'search' and tags.`embsize.name` = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def child_runs(c, experiment_id: str, parent_run_id: str) -> list:
+    """Every trial run of a search (all pages)."""
+    from mlflow.store.entities.paged_list import PagedList
+
+    runs, token = [], None
+    while True:
+        page: PagedList = c.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def close_interrupted(c, experiment_id: str, parent_run_id: str) -> int:
+    """Close the trial runs a killed driver left RUNNING as KILLED (outcome ``interrupted``); the ones Ray continues
+    are set RUNNING again when their trial restarts. Returns how many were closed."""
+    closed = 0
+    for run in child_runs(c, experiment_id, parent_run_id):
+        if run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "outcome", "interrupted")
+            c.set_terminated(run.info.run_id, status="KILLED")
+            closed += 1
+    return closed
+
+
 def trial_outcome(result: dict | None, error: bool) -> str:
     """How a trial ended: completed (own budget or convergence), stopped_early (by the scheduler), or failed."""
     if error:
@@ -97,6 +131,8 @@ class TrialRuns(Callback):
         self.experiment_id = self.parent_run_id = None
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.unfinished: set[str] = set()  # trials started (or restored) and not yet completed or failed
+        self.logged: dict[str, int] = {}  # trial id -> last epoch logged before this process (resumed runs)
         self._client = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -112,10 +148,19 @@ class TrialRuns(Callback):
         return self._client
 
     def __getstate__(self) -> dict:  # Ray checkpoints callbacks; client, queue and thread are rebuilt on restore
+        from .preflight import redact
+
         _ = self.c  # resolve the ids before pickling
         state = self.__dict__.copy()
-        state.update(_client=None, _opened=None, on_event=None, _queue=None, _thread=None)
+        # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
+        state.update(uri=redact(self.uri), _client=None, _opened=None, on_event=None, _queue=None, _thread=None)
         return state
+
+    def rewire(self, uri: str, opened, on_event: Callable | None = None) -> None:
+        """Reconnect a callback restored from a Ray experiment (``Tuner.restore``) to this run's store and CLI."""
+        self.uri, self._opened, self.on_event = uri, opened, on_event
+        self._client = self._queue = self._thread = None
+        self.errors, self.unfinished, self.logged = [], set(), {}
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -158,6 +203,9 @@ class TrialRuns(Callback):
         if existing:  # a resumed search continues the trial's run instead of opening a duplicate
             run_id = existing[0].info.run_id
             self.c.update_run(run_id, status="RUNNING")
+            # epochs logged before the interruption are not logged twice when the trial repeats them from an
+            # earlier checkpoint
+            self.logged[trial_id] = max((m.step for m in self.c.get_metric_history(run_id, "val_auc")), default=0)
         else:
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
@@ -169,6 +217,7 @@ class TrialRuns(Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.unfinished.add(trial.trial_id)
         self._submit(self._run_for, trial.trial_id, dict(trial.config))
         self._emit("start", trial, None)
 
@@ -181,6 +230,8 @@ class TrialRuns(Callback):
 
         run_id = self._run_for(trial_id, config)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self.logged.get(trial_id, 0):
+            return
         now = int(time.time() * 1000)
         metrics = [
             Metric(k, float(result[k]), now, step)
@@ -193,6 +244,17 @@ class TrialRuns(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Ray retries a failed trial (``--max-failures``) from its last checkpoint: the run stays open, counted."""
+        self._submit(self._retried, trial.trial_id, dict(trial.config), _error_text(trial))
+        self._emit("retried", trial, dict(trial.last_result or {}))
+
+    def _retried(self, trial_id: str, config: dict, error_text: str) -> None:
+        run_id = self._run_for(trial_id, config)
+        retries = int(self.c.get_run(run_id).data.tags.get("retries", "0")) + 1
+        self.c.set_tag(run_id, "retries", str(retries))
+        self.c.set_tag(run_id, "last_retry_error", error_text[:5000])
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, error=True)
 
@@ -200,6 +262,7 @@ class TrialRuns(Callback):
         self.flush()
 
     def _finish(self, trial, error: bool) -> None:
+        self.unfinished.discard(trial.trial_id)
         result = dict(trial.last_result or {})
         self._submit(self._close, trial.trial_id, dict(trial.config), result, error, _error_text(trial) if error else "")
         self._emit(trial_outcome(result, error), trial, result)

@@ -2,15 +2,36 @@
 
 Shaped like the Ray Tune docs' PyTorch example: a plain function of ``config``; the dataset arrives through
 ``tune.with_parameters`` (put in the object store once per search, not once per trial).
+
+Checkpoints: every epoch's report carries a checkpoint of the trainer's snapshot (model, optimizer, history, random
+generators; ``torch.save``), kept by Ray until the search has finished (runner.py says why). A trial that Ray retries
+after a lost worker, or that a resumed search continues, loads its latest (``torch.load(weights_only=True)``: tensors
+and plain containers only, never pickled code) and goes on from the next epoch, exactly as it would have run.
+
+Fault injection is a testing hook, not a user option: ``EMBSIZE_FAULT_INJECT`` (read only here, in the trial's
+process; see ``parse_faults``) makes chosen trials raise, diverge to NaN, lose their worker process, or run slowly, so
+the fault tests exercise the real failure paths of Ray, Optuna and MLflow.
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
+import tempfile
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from pipelines import EncodedDataset, TrainConfig, model_bytes, train
 from pipelines.memory import embedding_bytes
 
 from .space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "trainer.pt"
+FAULT_ENV = "EMBSIZE_FAULT_INJECT"
+DIVERGENT_LR = 1e30  # the "nan" fault: a learning rate at which the loss becomes NaN within the first epoch
 
 
 @dataclass(frozen=True)
@@ -42,11 +63,22 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
     from ray import tune
 
     model_cfg, overrides = space.decode(config)
+    faults = [f for f in parse_faults(os.environ.get(FAULT_ENV, "")) if f.matches(config)]
+    if any(f.action == "nan" for f in faults):
+        overrides = {**overrides, "lr": DIVERGENT_LR}
     cfg = train_config(settings, overrides)
     nbytes = model_bytes(data.features, model_cfg.dims, model_cfg.hidden)
     emb = sum(embedding_bytes(data.features, model_cfg.dims).values())
     node = ray.util.get_node_ip_address()
-    best_epoch = 0
+    resume, last = load_checkpoint(tune.get_checkpoint())
+    start = len(resume["history"]) if resume else 0
+    best_epoch = _best_epoch(resume["history"]) if resume else 0
+    _inject(faults, start, resumed=start)
+    if last is not None and (last["final"] or start >= cfg.max_epochs):
+        # The checkpoint is of the trial's last epoch (it finished after the search's last state save): report the
+        # same result again so Ray, the searcher and MLflow see the trial end as it did.
+        tune.report({**last, "node": node})
+        return
 
     def on_epoch(r, snapshot) -> None:
         nonlocal best_epoch
@@ -54,20 +86,106 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
             best_epoch = r.epoch
         converged = bool(cfg.patience) and r.epoch - best_epoch >= cfg.patience
         final = r.epoch >= cfg.max_epochs or converged
-        tune.report(
-            {
-                "epoch": r.epoch,
-                "val_auc": r.val_auc,
-                "val_logloss": r.val_logloss,
-                "train_loss": r.train_loss,
-                "best_val_auc": r.best_val_auc,
-                "model_bytes": nbytes,
-                "embedding_bytes": emb,
-                "epoch_seconds": r.seconds,
-                "final": final,
-                "ended": ("converged" if converged else "max_epochs") if final else "",
-                "node": node,
-            }
-        )
+        metrics = {
+            "epoch": r.epoch,
+            "val_auc": r.val_auc,
+            "val_logloss": r.val_logloss,
+            "train_loss": r.train_loss,
+            "best_val_auc": r.best_val_auc,
+            "model_bytes": nbytes,
+            "embedding_bytes": emb,
+            "epoch_seconds": r.seconds,
+            "final": final,
+            "ended": ("converged" if converged else "max_epochs") if final else "",
+            "node": node,
+        }
+        _inject(faults, r.epoch, resumed=start, before_report=True)
+        with tempfile.TemporaryDirectory(prefix="embsize-ckpt-") as tmp:
+            t0 = time.perf_counter()
+            state = snapshot()
+            state["best_model"] = None  # the best epoch's weights: only train()'s returned model needs them
+            save_checkpoint(Path(tmp), state, metrics)
+            log.debug("epoch %d checkpoint: %.3f s", r.epoch, time.perf_counter() - t0)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        _inject(faults, r.epoch, resumed=start)
 
-    train(model_cfg, cfg, data, on_epoch=on_epoch)
+    train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume)
+
+
+def save_checkpoint(directory: Path, snapshot: dict, metrics: dict) -> Path:
+    """The trainer's snapshot and the epoch's reported metrics, as one torch file in ``directory``."""
+    import torch
+
+    path = directory / CHECKPOINT_FILE
+    torch.save({"snapshot": snapshot, "metrics": metrics}, path)
+    return path
+
+
+def load_checkpoint(checkpoint) -> tuple[dict | None, dict | None]:
+    """(trainer snapshot, last reported metrics) of a Ray checkpoint, or (None, None) without one."""
+    import torch
+
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as d:
+        # tensors of a GPU trial load on the CPU first: a retried trial may run on a node without that GPU
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return state["snapshot"], state["metrics"]
+
+
+def _best_epoch(history: list[dict]) -> int:
+    """The epoch the trial's convergence counts from, by the same rule ``on_epoch`` applies (ties move it)."""
+    best = 0
+    for h in history:
+        if h["val_auc"] >= h["best_val_auc"]:
+            best = h["epoch"]
+    return best
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault (a testing hook). ``action``: raise | nan | die | sleep."""
+
+    action: str
+    key: str = ""  # config key a trial must match ("" = every trial), e.g. "heuristic" or "hidden"
+    value: str = ""  # ... and its value, compared as text
+    epoch: int = 0  # raise/die: after this epoch's report (0 = before training)
+    seconds: float = 0.0  # sleep: pause after every epoch
+
+    def matches(self, config: dict) -> bool:
+        return not self.key or str(config.get(self.key)) == self.value
+
+
+_FAULT = re.compile(r"^(raise|nan|die|sleep)(?:=(\d+(?:\.\d*)?))?(?:@([^=:@]+)=([^:@]*))?(?::(\d+))?$")
+
+
+def parse_faults(text: str) -> list[Fault]:
+    """Rules separated by ';', each ``ACTION[=SECONDS][@KEY=VALUE][:EPOCH]``:
+
+    - ``raise@heuristic=sqrt:1``: the sqrt baseline raises after reporting epoch 1 (and again whenever retried);
+    - ``nan@hidden=32``: trials with hidden=32 train at a divergent learning rate (the trainer's NaN check fires);
+    - ``die@heuristic=fastai:1``: the fastai baseline's worker process exits during epoch 2, once (its retry, which
+      starts from the epoch-1 checkpoint, runs on);
+    - ``sleep=0.5``: every trial pauses 0.5 s after each epoch (slow enough to interrupt).
+    """
+    faults = []
+    for rule in (r.strip() for r in text.split(";")):
+        if not rule:
+            continue
+        m = _FAULT.match(rule)
+        if not m:
+            raise ValueError(f"{FAULT_ENV} rule {rule!r} is not ACTION[=SECONDS][@KEY=VALUE][:EPOCH]")
+        action, seconds, key, value, epoch = m.groups()
+        faults.append(Fault(action, key or "", value or "", int(epoch or 0), float(seconds or 0)))
+    return faults
+
+
+def _inject(faults: list[Fault], epoch: int, resumed: int, before_report: bool = False) -> None:
+    """Apply the faults due now: at start (``epoch == resumed``), or around the report of ``epoch``."""
+    for f in faults:
+        if f.action == "raise" and not before_report and (epoch == f.epoch or (epoch == resumed and resumed >= f.epoch)):
+            raise RuntimeError(f"injected fault: trial raised at epoch {epoch}")
+        if f.action == "die" and before_report and epoch == f.epoch + 1 and resumed == 0:
+            os._exit(17)  # like a lost worker: no exception, no cleanup; the epoch-f.epoch checkpoint is reported
+        if f.action == "sleep" and not before_report and epoch > resumed:
+            time.sleep(f.seconds)

@@ -1,0 +1,169 @@
+"""Bad input through the CLI: exit code 2, one line on stderr naming the problem and the fix, no traceback, and no
+file left behind (no output folder, no empty mlruns/). In-process through ``main`` (the console script's code path),
+plus a few in real processes."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search.cli import main
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Input files, in their own folder (the tests check that nothing appears in the working folder)."""
+    d = tmp_path_factory.mktemp("inputs")
+    ok = pd.DataFrame({"user": list("abcdefgh") * 5, "item": list("pqrs") * 10, "y": [0, 1] * 20,
+                       "rating": [1, 2, 3, 4, 5] * 8, "one": ["x"] * 40})
+    ok.to_csv(d / "ok.csv", index=False)
+    ok.to_csv(d / "semi.csv", index=False, sep=";")
+    ok.assign(y=1).to_csv(d / "constant.csv", index=False)
+    ok.assign(y=[0, 1, None, 1] * 10).to_csv(d / "holes.csv", index=False)
+    (d / "empty.csv").write_text("")
+    (d / "notes.txt").write_text("hello")
+    (d / "table.json").write_text("{}")
+    (d / "broken.parquet").write_bytes(b"not a parquet file")
+    specs = {
+        "invalid.yaml": "max_dim: [1, 2\n",
+        "unknown_key.yaml": "max_dims: 32\n",
+        "wrong_type.yaml": "max_dim: big\n",
+        "list.yaml": "- 1\n- 2\n",
+        "low_zero.yaml": "features:\n  user_id: {low: 0, high: 8}\n",
+        "high_over_max.yaml": "max_dim: 16\nfeatures:\n  user_id: {low: 2, high: 32}\n",
+        "unknown_feature.yaml": "features:\n  nosuch: 8\n",
+        "pin_and_range.yaml": "features:\n  user_id: {pin: 4, low: 2}\n",
+        "lr_negative.yaml": "lr: -0.1\n",
+    }
+    for name, text in specs.items():
+        (d / name).write_text(text)
+    (d / "a_file").write_text("x")
+    return {p.name: str(p) for p in d.iterdir()}
+
+
+SMALL = ["--rows", "2000"]  # synthetic data: loads in well under a second
+CSV = ["--label", "y", "--features", "user,item"]
+
+# (argv with {file} placeholders, a fragment of the one stderr line). The fragments name the problem and, where the
+# message gives one, the fix.
+CASES = [
+    # paths and formats
+    (["search", "--data", "{missing.csv}", *CSV], "does not exist; give a MovieLens folder/zip, a CSV/Parquet"),
+    (["search", "--data", "{notes.txt}", "--label", "y", "--features", "a"], "column 'a' is not in 'notes.txt'"),
+    (["search", "--data", "{table.json}", *CSV], "nor a table; table formats: .csv"),
+    (["search", "--data", "{empty.csv}", *CSV], "is empty; give a file with a header row"),
+    (["search", "--data", "{broken.parquet}", *CSV], "Parquet magic bytes not found"),
+    (["search", "--data", "{semi.csv}", "--delimiter", ",", *CSV], "pass --delimiter ';'"),
+    (["search", "--data", "{ok.csv}", "--delimiter", ";", *CSV], "--delimiter"),
+    (["search", "--data", "movielens-9m"], "is not known"),
+    # labels and features
+    (["search", "--data", "{ok.csv}", "--label", "nolabel", "--features", "user"], "column 'nolabel' is not in"),
+    (["search", "--data", "{constant.csv}", *CSV], "constant"),
+    (["search", "--data", "{holes.csv}", *CSV], "missing values"),
+    (["search", "--data", "{ok.csv}", "--label", "rating", "--features", "user"], "--positive-threshold"),
+    (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,one"], "feature 'one' has only the value"),
+    (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,zzz"], "column 'zzz' is not in"),
+    (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,y"], "also listed as a feature"),
+    (["search", "--data", "{ok.csv}", *CSV, "--multi", "rating"], "is not among the features"),
+    # budget and dims
+    (["search", *SMALL, "--memory-budget", "10"], "raise the budget"),
+    (["search", *SMALL, "--memory-budget", "lots"], "memory budget 'lots' is not a size"),
+    (["search", *SMALL, "--max-dim", "0"], "max_dim is 0, but must be >= 1"),
+    (["search", *SMALL, "--min-dim", "10", "--max-dim", "5"], "raise max_dim or lower min_dim"),
+    (["search", *SMALL, "--spec", "{low_zero.yaml}"], "features.user_id.low is 0, but must be >= 1"),
+    (["search", *SMALL, "--spec", "{high_over_max.yaml}"], "must be <= max_dim (16)"),
+    (["search", *SMALL, "--spec", "{unknown_feature.yaml}"], "unknown feature 'nosuch'; known features"),
+    (["search", *SMALL, "--spec", "{pin_and_range.yaml}"], "give either a pin or a range"),
+    (["train", *SMALL, "--dims", "user_id=0"], "dim for 'user_id' is 0, but must be >= 1"),
+    # the search spec: YAML, unknown keys, wrong types
+    (["search", *SMALL, "--spec", "{invalid.yaml}"], "is not valid YAML at line"),
+    (["search", *SMALL, "--spec", "{missing.yaml}"], "does not exist; check the --spec path"),
+    (["search", *SMALL, "--spec", "{unknown_key.yaml}"], "unknown key 'max_dims'"),
+    (["search", *SMALL, "--spec", "{wrong_type.yaml}"], "max_dim is 'big', but must be an integer"),
+    (["search", *SMALL, "--spec", "{list.yaml}"], "must be a mapping"),
+    (["search", *SMALL, "--spec", "{lr_negative.yaml}"], "lr is -0.1, but must be > 0"),
+    # search options
+    (["search", "--trials", "0"], "--trials is 0, but must be >= 1"),
+    (["search", "--scheduler", "magic"], "invalid choice: 'magic'"),
+    (["search", "--max-epochs", "0"], "--max-epochs is 0"),
+    (["search", "--batch-size", "0"], "--batch-size is 0, but must be >= 1"),
+    (["search", "--reduction-factor", "1"], "--reduction-factor is 1.0, but must be > 1"),
+    (["search", "--epsilon", "1.5"], "--epsilon is 1.5"),
+    (["search", "--max-concurrent", "0"], "--max-concurrent is 0"),
+    (["search", "--trials", "many"], "invalid int value: 'many'"),
+    (["search", "--name", "../escape"], "is not a plain name"),
+    (["search", "--resume", "never-ran"], "no search named 'never-ran'"),
+    (["search", "--resume", "a", "--name", "b"], "name different searches"),
+    # unreachable services
+    (["search", *SMALL, "--tracking-uri", "http://127.0.0.1:{closed}"], "does not answer"),
+    (["search", *SMALL, "--tracking-uri", "http://u:pw@no-such-host.invalid:5000"], "pass a reachable --tracking-uri"),
+    (["search", *SMALL, "--tracking-uri", "sqlite:////proc/embsize/mlflow.db"], "pass a writable --tracking-uri"),
+    (["search", *SMALL, "--address", "127.0.0.1:{closed}"], "Ray cluster at '127.0.0.1:"),
+    (["search", *SMALL, "--address", "not-an-address"], "is not HOST:PORT"),
+    # output folder
+    (["search", *SMALL, "--output-dir", "/proc/embsize-out"], "is not writable; choose another with --output-dir"),
+    (["search", *SMALL, "--output-dir", "{a_file}/out"], "is not writable"),
+]
+
+
+def _argv(args: list[str], files: dict[str, str], missing_dir: Path) -> list[str]:
+    out = []
+    for a in args:
+        for name in ("missing.csv", "missing.yaml"):
+            a = a.replace("{" + name + "}", str(missing_dir / name))
+        for name, path in files.items():
+            a = a.replace("{" + name + "}", path)
+        out.append(a.replace("{closed}", str(_closed_port())))
+    return out
+
+
+def test_bad_input_table_is_large_enough():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("args, fragment", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
+def test_bad_input_one_line_exit_2_nothing_written(args, fragment, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(_argv(args, files, tmp_path / "nowhere"))
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("embsize: error: "), captured.err
+    assert fragment in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert list(tmp_path.iterdir()) == []  # no output folder, no mlruns/
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**env, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["search", "--rows", "2000", "--tracking-uri", "http://127.0.0.1:{closed}"], "tracking server"),
+        (["search", "--rows", "2000", "--address", "127.0.0.1:{closed}"], "Ray cluster"),
+        (["search", "--rows", "2000", "--spec", "{invalid.yaml}"], "not valid YAML"),
+    ],
+)
+def test_bad_input_in_a_real_process(args, fragment, files, tmp_path):
+    p = _run(_argv(args, files, tmp_path / "nowhere"), tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embsize: error: ") and fragment in lines[0], p.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,274 @@
+"""Faults in real processes: failing trials, a killed driver and a resumed search, a lost worker node; plus the trial's
+checkpoint round trip and its fault-injection hook.
+
+Every Ray started here belongs to the test: a driver's local Ray under a private RAY_TMPDIR, or `ray start` nodes in
+their own process groups with a private --temp-dir. They are stopped by pid / process group, never with `ray stop`
+(which would stop other people's Ray instances on the machine too).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from pipelines import ModelConfig, SyntheticSpec, TrainConfig, generate, prepare, train
+from search.cli import main
+from search.trial import DIVERGENT_LR, Fault, _best_epoch, load_checkpoint, parse_faults, save_checkpoint
+
+FINISHED_LINE = re.compile(r"finished\].*<- (\w+) (completed|stopped_early|failed)")
+
+
+# --- the trial's checkpoint and its fault hook (fast) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return prepare(generate(SyntheticSpec(rows=3000, seed=2)))
+
+
+def test_trial_checkpoint_resumes_exactly_where_it_stopped(tiny, tmp_path):
+    """A run stopped after epoch 2, saved and loaded as the trial does, continues to the uninterrupted run's result."""
+    from ray.tune import Checkpoint
+
+    model_cfg = ModelConfig({f.name: 4 for f in tiny.features}, (16, 8))
+    cfg = TrainConfig(max_epochs=4, patience=0, seed=3)
+    full = train(model_cfg, cfg, tiny)
+
+    def stop_after_two(r, snapshot):
+        if r.epoch == 2:
+            state = snapshot()
+            state["best_model"] = None  # as the trial saves it
+            save_checkpoint(tmp_path, state, {"epoch": 2, "final": False})
+            return False
+
+    train(model_cfg, cfg, tiny, on_epoch=stop_after_two)
+    snapshot, metrics = load_checkpoint(Checkpoint.from_directory(str(tmp_path)))  # torch.load(weights_only=True)
+    assert metrics == {"epoch": 2, "final": False}
+    resumed = train(model_cfg, cfg, tiny, resume=snapshot)
+    assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
+    assert [h.val_auc for h in resumed.history] == [h.val_auc for h in full.history]
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in full.history]
+
+
+def test_load_checkpoint_without_one_is_a_fresh_start():
+    assert load_checkpoint(None) == (None, None)
+
+
+def test_best_epoch_counts_ties_like_the_trial():
+    history = [{"epoch": 1, "val_auc": 0.6, "best_val_auc": 0.6}, {"epoch": 2, "val_auc": 0.55, "best_val_auc": 0.6},
+               {"epoch": 3, "val_auc": 0.6, "best_val_auc": 0.6}, {"epoch": 4, "val_auc": 0.5, "best_val_auc": 0.6}]
+    assert _best_epoch(history) == 3
+    assert _best_epoch([]) == 0
+
+
+def test_parse_faults_grammar():
+    faults = parse_faults("raise@heuristic=sqrt:1; nan@hidden=32;die@heuristic=fastai:2;sleep=0.5;")
+    assert faults == [
+        Fault("raise", "heuristic", "sqrt", 1), Fault("nan", "hidden", "32"), Fault("die", "heuristic", "fastai", 2),
+        Fault("sleep", seconds=0.5),
+    ]
+    assert faults[1].matches({"hidden": 32}) and not faults[1].matches({"hidden": 64})
+    assert faults[3].matches({}) and parse_faults("") == []
+
+
+@pytest.mark.parametrize("text", ["explode", "raise@hidden", "raise:x", "sleep=fast", "nan@a=1@b=2"])
+def test_parse_faults_refuses_unknown_rules(text):
+    with pytest.raises(ValueError, match="EMBSIZE_FAULT_INJECT rule"):
+        parse_faults(text)
+
+
+def test_divergent_lr_makes_the_trainer_raise(tiny):
+    """The 'nan' fault is a real divergence: the trainer's own NaN check fires."""
+    model_cfg = ModelConfig({f.name: 4 for f in tiny.features}, (16, 8))
+    with pytest.raises(FloatingPointError, match="became nan"):
+        train(model_cfg, TrainConfig(lr=DIVERGENT_LR, max_epochs=2), tiny)
+
+
+# --- real processes (slow) -------------------------------------------------------------------------------------------
+
+
+def _env(ray_tmp: Path | None = None, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "EMBSIZE_"))}
+    env.update(PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", **extra)
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)  # the driver's local Ray lives here: found and stopped by this path
+    return env
+
+
+def _ray_tmp() -> Path:
+    # Ray's unix socket paths must stay short: a private dir directly under /tmp, not pytest's deep tmp_path
+    return Path(tempfile.mkdtemp(prefix="es-ft-", dir="/tmp"))
+
+
+def _stop_processes_under(path: Path) -> list[int]:
+    """SIGKILL the processes whose command line names ``path`` (a Ray we started there); returns their pids."""
+    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+    import psutil
+
+    killed = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(str(path) in part for part in p.info["cmdline"] or ()):
+                p.kill()
+                killed.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return killed
+
+
+def _runs(tracking_uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name("embsize")
+    parents = c.search_runs([exp.experiment_id], f"tags.`embsize.name` = '{name}'")
+    children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'",
+                             max_results=1000) if parents else []
+    return c, parents, children
+
+
+def _study(out: Path, name: str) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+FAILING = ["search", "--rows", "3000", "--trials", "6", "--max-epochs", "2", "--num-cpus", "2", "--no-heuristics",
+           "--name", "faulty"]
+
+
+@pytest.fixture(scope="module")
+def failing_search(tmp_path_factory):
+    """A search whose trials with hidden=16 raise after epoch 1 and with hidden=32 diverge to NaN (seed 0 samples
+    every width of the spec's three)."""
+    work = tmp_path_factory.mktemp("failing")
+    (work / "spec.yaml").write_text("hidden: [16, 32, 64]\nmax_dim: 16\n")
+    ray_tmp = _ray_tmp()
+    env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="raise@hidden=16:1;nan@hidden=32")
+    try:
+        p = subprocess.run([sys.executable, "-m", "search.cli", *FAILING, "--spec", "spec.yaml"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=900)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return p, work
+
+
+@pytest.mark.slow
+def test_failing_trials_end_failed_while_the_others_finish(failing_search):
+    p, work = failing_search
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = work / "embsize-out" / "faulty"
+    study = _study(out, "faulty")
+    by_width = {}
+    for t in study.trials:
+        by_width.setdefault(t.params["hidden"], []).append(t)
+    assert set(by_width) == {16, 32, 64}
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in by_width[16] + by_width[32])
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in by_width[64])
+    failed_ids = {t.user_attrs["ray_trial_id"]: t.params["hidden"] for t in by_width[16] + by_width[32]}
+
+    c, parents, children = _runs(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}", "faulty")
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert len(children) == 6
+    for run in children:
+        trial_id = run.data.tags["trial_id"]
+        if trial_id in failed_ids:
+            assert run.info.status == "FAILED"
+            expected = "injected fault" if failed_ids[trial_id] == 16 else "FloatingPointError: training loss became nan"
+            assert expected in run.data.tags["error"]
+            assert run.data.tags["outcome"] == "failed"
+            assert run.data.tags["retries"] == "1"  # --max-failures 1: retried once (from its checkpoint), then failed
+        else:
+            assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
+
+    trials = pd.read_csv(out / "trials.csv")
+    failed = trials[trials["trial_id"].isin(list(failed_ids))]
+    assert (failed["outcome"] == "failed").all() and failed["error"].str.len().gt(0).all()
+    assert (trials.loc[~trials["trial_id"].isin(list(failed_ids)), "outcome"] == "completed").all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == len(failed_ids) and summary["completed"] == 6 - len(failed_ids)
+    assert "retrying it from its last checkpoint" in p.stdout
+
+
+@pytest.mark.slow
+def test_same_name_with_a_different_setting_is_refused(failing_search, monkeypatch, capsys):
+    _, work = failing_search
+    out = work / "embsize-out" / "faulty"
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*")}
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main([*FAILING, "--spec", "spec.yaml", "--max-epochs", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == ("embsize: error: search 'faulty' was started with max_epochs=2, but this run has 3; rerun with the "
+                   "original settings (`--resume faulty` reuses them) or choose a new --name")
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*")} == before  # nothing touched
+
+
+@pytest.mark.slow
+def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
+    """SIGKILL the driver after two trials finished; `--resume NAME` (nothing else) finishes the search."""
+    trials = 5
+    args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
+            "--no-heuristics", "--name", "lid", "--scheduler", "fifo"]
+    ray_tmp = _ray_tmp()
+    env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.7")  # slow enough that trials are mid-epoch at the kill
+    finished: dict[str, str] = {}
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        for line in p.stdout:
+            m = FINISHED_LINE.search(line)
+            if m:
+                finished[m.group(1)] = m.group(2)
+                if len(finished) == 2:
+                    p.kill()  # SIGKILL: no cleanup, no last state save
+                    break
+        p.wait(timeout=60)
+        assert p.returncode == -signal.SIGKILL and len(finished) == 2, finished
+        _stop_processes_under(ray_tmp)  # its Ray dies with it; this is a safety net
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+        _, parents, _ = _runs(uri, "lid")
+        assert [r.info.status for r in parents] == ["RUNNING"]  # nobody closed it: the driver was killed
+
+        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", "lid"], cwd=tmp_path,
+                                 env=_env(ray_tmp), capture_output=True, text=True, timeout=900)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing search 'lid'" in resumed.stdout
+
+    out = tmp_path / "embsize-out" / "lid"
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == trials  # the search reached its trial count
+    assert table["trial_id"].is_unique
+    for trial_id, outcome in finished.items():  # every trial finished before the kill, exactly once, as it ended
+        assert table.loc[table["trial_id"] == trial_id, "outcome"].tolist() == [outcome]
+    assert (table["outcome"] == "completed").all()
+
+    _, parents, children = _runs(uri, "lid")
+    assert [r.info.status for r in parents] == ["FINISHED"] and parents[0].data.tags["embsize.resumed"] == "1"
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    by_trial = {}
+    for r in children:
+        by_trial.setdefault(r.data.tags["trial_id"], []).append(r)
+    assert all(len(runs) == 1 for runs in by_trial.values())  # no duplicate child runs
+    assert set(table["trial_id"]) <= set(by_trial)
+    # trials the killed driver had started but never saved are closed KILLED, not left RUNNING
+    assert all(runs[0].info.status == "KILLED" for t, runs in by_trial.items() if t not in set(table["trial_id"]))
+    study = _study(out, "lid")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == trials
+    assert not list((out / "ray").rglob("checkpoint_*"))  # epoch checkpoints go once the search has finished

@@ -1,0 +1,92 @@
+"""What identifies a search, and the refusals of a resume that would change it (search/resume.py)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipelines import SyntheticSpec, generate, prepare
+from search.resume import check_name, check_same, identity, load, save, stored_command
+from search.runner import SearchSettings
+from search.space import SearchSpec, build_space
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare(generate(SyntheticSpec(rows=2000, seed=4)))
+
+
+@pytest.fixture(scope="module")
+def space(data):
+    return build_space(data.features, SearchSpec(max_dim=16))
+
+
+SETTINGS = SearchSettings(name="s", trials=4, max_epochs=3, output_dir="out")
+URI = "sqlite:////tmp/x/mlflow.db"
+
+
+@given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", fullmatch=True))
+def test_check_name_accepts_plain_names(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "-flag", "a b", "x" * 101, "é"])
+def test_check_name_refuses_paths_and_odd_names(name):
+    with pytest.raises(ValueError, match="is not a plain name"):
+        check_name(name)
+
+
+def test_identity_ignores_where_and_how_the_search_runs(data, space):
+    base = identity(SETTINGS, data, space, URI)
+    moved = replace(SETTINGS, address="10.0.0.1:6379", num_cpus=2, max_failures=5, rule="knee", epsilon=0.01,
+                    output_dir="elsewhere")
+    check_same({"identity": base}, identity(moved, data, space, URI), "s")  # no error
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"trials": 8}, "started with trials=4, but this run has 8"),
+        ({"max_epochs": 5}, "max_epochs=3, but this run has 5"),
+        ({"memory_budget": 1000}, "memory_budget=(none), but this run has 1000"),
+        ({"seed": 1}, "seed=0, but this run has 1"),
+        ({"scheduler": "fifo"}, "scheduler=pareto-asha, but this run has fifo"),
+    ],
+)
+def test_check_same_names_the_changed_setting(change, message, data, space):
+    before = {"identity": identity(SETTINGS, data, space, URI)}
+    with pytest.raises(ValueError) as e:
+        check_same(before, identity(replace(SETTINGS, **change), data, space, URI), "s")
+    assert message in str(e.value) and "--resume s" in str(e.value) and "--name" in str(e.value)
+
+
+def test_check_same_refuses_other_data_space_or_store(data, space):
+    before = {"identity": identity(SETTINGS, data, space, URI)}
+    other = prepare(generate(SyntheticSpec(rows=2000, seed=5)))
+    with pytest.raises(ValueError, match="dataset fingerprint="):
+        check_same(before, identity(SETTINGS, other, space, URI), "s")
+    with pytest.raises(ValueError, match="space ranges="):
+        check_same(before, identity(SETTINGS, data, build_space(data.features, SearchSpec(max_dim=8)), URI), "s")
+    with pytest.raises(ValueError, match="is tracked in 'sqlite:////tmp/x/mlflow.db', but this run uses"):
+        check_same(before, identity(SETTINGS, data, space, "sqlite:////tmp/y/mlflow.db"), "s")
+
+
+def test_identity_keeps_no_credentials(data, space):
+    ident = identity(SETTINGS, data, space, "https://alice:s3cret@mlflow.example.com")
+    assert ident["tracking_uri"] == "https://mlflow.example.com"
+    assert "s3cret" not in repr(ident)
+
+
+def test_save_load_and_stored_command(tmp_path, data, space):
+    out = tmp_path / "s"
+    assert load(out) is None
+    with pytest.raises(ValueError, match="no search named 's' in"):
+        stored_command(out, "s")
+    save(out, identity(SETTINGS, data, space, URI), {"trials": 4, "rows": 2000})
+    assert stored_command(out, "s") == {"trials": 4, "rows": 2000}
+    assert load(out)["identity"]["dataset"]["fingerprint"] == data.fingerprint
+    (out / "search.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load(out)
