@@ -389,3 +389,36 @@ def test_space_bounds_and_encode_decode_round_trip(space, seed):
     assert space.decode(again) == (model, train)
     assert space.contains(again)
     assert math.isclose(space.bytes(again), model_bytes(space.features, model.dims, model.hidden))
+
+
+_yaml_tokens = st.sampled_from([
+    "max_dim", "min_dim", "grid", "features", "user_id", "item_id", "pin", "low", "high", "lr", "hidden", "dropout",
+    ":", ": ", "\n", "\n  ", "- ", "{", "}", "[", "]", ",", "'", '"', "#", "\t", "0", "1", "16", "-3", "1e-3", "0.5",
+    "pow2", "log", "null", "true", "~", "&a ", "*a", "!!str ", "!!python/object/apply:os.system ", "%YAML 1.2\n---\n",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_yaml_tokens, max_size=30).map("".join) | st.text(max_size=60))
+def test_load_spec_any_file_text_raises_only_value_errors_naming_the_file(text):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "spec.yaml"
+        path.write_text(text)
+        try:
+            spec = load_spec(path)
+        except ValueError as e:
+            assert str(e).startswith(f"search spec '{path}'") and "\n" not in str(e)
+        else:
+            assert isinstance(spec, SearchSpec)
+
+
+def test_load_spec_refuses_python_tags_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"max_dim: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_spec(path)
+    assert not marker.exists()
