@@ -179,22 +179,35 @@ def cmd_search(args) -> int:
     previous = resume.load(settings.out)
     if previous is not None:  # run_search checks again; here it is refused before anything is printed
         resume.check_same(previous, resume.identity(settings, data, space, uri), name)
+    print(f"data: {info['source']}")
     print(data.summary())
     if previous is not None:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
     progress = _Progress(args.trials)
-    command = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
-    command.update(name=name, output_dir=str(out_dir))
-    if args.tracking_uri and preflight.redact(args.tracking_uri) != args.tracking_uri:
-        command.pop("tracking_uri")  # credentials stay out of files: give the URI again when resuming
+    command = _command(args, name, out_dir, uri)
     try:
         result = run_search(data, space, settings, info, on_event=progress, command=command)
     except NoTrialCompleted as e:
         raise SearchFailed(str(e)) from None
     _print_result(result)
     return 0
+
+
+def _command(args, name: str, out_dir: Path, uri: str) -> dict:
+    """The options of this search as ``--resume`` will repeat them: paths resolved (a resume may run elsewhere), the
+    tracking URI resolved unless it holds credentials (those stay out of files: give it again when resuming)."""
+    from .preflight import redact
+
+    command = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+    command.update(name=name, output_dir=str(out_dir), tracking_uri=uri if redact(uri) == uri else None)
+    for key in ("data", "spec"):
+        if command.get(key) and Path(command[key]).exists():
+            command[key] = str(Path(command[key]).resolve())
+    if command.get("storage_path") and "://" not in command["storage_path"]:
+        command["storage_path"] = str(Path(command["storage_path"]).resolve())
+    return command
 
 
 def _resumed(args) -> argparse.Namespace:
