@@ -54,7 +54,7 @@ class SearchSettings:
     output_dir: str = "embsize-out"
     address: str | None = None  # Ray cluster address; None starts a local Ray
     num_cpus: int | None = None  # CPUs of a local Ray (None: all)
-    max_failures: int = 1  # retries of a trial whose worker died
+    max_failures: int = 1  # retries of a failed trial (lost worker or error), each from its last checkpoint
     sparse: bool = False
     storage_path: str | None = None  # Ray Tune storage: a folder every node sees or an s3:// URI; None: OUT/NAME/ray
 
