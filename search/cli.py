@@ -118,6 +118,7 @@ def cmd_train(args) -> int:
 
 def cmd_search(args) -> int:
     from . import preflight
+    from .cluster import check_gpus_per_trial
     from .resume import check_name
 
     if args.resume:
@@ -128,8 +129,9 @@ def cmd_search(args) -> int:
         raise UsageError(f"--max-epochs is {args.max_epochs}, but must be >= 1")
     if args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial is {args.cpus_per_trial}, but must be > 0")
-    if args.gpus_per_trial < 0:
-        raise UsageError(f"--gpus-per-trial is {args.gpus_per_trial}, but must be >= 0")
+    check_gpus_per_trial(args.gpus_per_trial)  # a fraction (0.25) or a whole number; not negative, not NaN
+    if args.gpu_batch_size is not None and args.gpu_batch_size < 1:
+        raise UsageError(f"--gpu-batch-size is {args.gpu_batch_size}, but must be >= 1")
     if not 0 <= args.epsilon < 1:
         raise UsageError(f"--epsilon is {args.epsilon}, but must be in [0, 1)")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--patience", args.patience, 0),
@@ -165,7 +167,8 @@ def cmd_search(args) -> int:
     name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = SearchSettings(
         name=name, trials=args.trials, max_epochs=args.max_epochs, patience=args.patience,
-        batch_size=args.batch_size, cpus_per_trial=args.cpus_per_trial,
+        batch_size=(args.gpu_batch_size or args.batch_size) if args.gpus_per_trial else args.batch_size,
+        cpus_per_trial=args.cpus_per_trial, storage_path=args.storage_path,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, scheduler=args.scheduler,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, memory_budget=budget, rule=rule,
         epsilon=args.epsilon, heuristics=not args.no_heuristics, seed=args.seed,
@@ -176,22 +179,35 @@ def cmd_search(args) -> int:
     previous = resume.load(settings.out)
     if previous is not None:  # run_search checks again; here it is refused before anything is printed
         resume.check_same(previous, resume.identity(settings, data, space, uri), name)
+    print(f"data: {info['source']}")
     print(data.summary())
     if previous is not None:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
     progress = _Progress(args.trials)
-    command = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
-    command.update(name=name, output_dir=str(out_dir))
-    if args.tracking_uri and preflight.redact(args.tracking_uri) != args.tracking_uri:
-        command.pop("tracking_uri")  # credentials stay out of files: give the URI again when resuming
+    command = _command(args, name, out_dir, uri)
     try:
         result = run_search(data, space, settings, info, on_event=progress, command=command)
     except NoTrialCompleted as e:
         raise SearchFailed(str(e)) from None
     _print_result(result)
     return 0
+
+
+def _command(args, name: str, out_dir: Path, uri: str) -> dict:
+    """The options of this search as ``--resume`` will repeat them: paths resolved (a resume may run elsewhere), the
+    tracking URI resolved unless it holds credentials (those stay out of files: give it again when resuming)."""
+    from .preflight import redact
+
+    command = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+    command.update(name=name, output_dir=str(out_dir), tracking_uri=uri if redact(uri) == uri else None)
+    for key in ("data", "spec"):
+        if command.get(key) and Path(command[key]).exists():
+            command[key] = str(Path(command[key]).resolve())
+    if command.get("storage_path") and "://" not in command["storage_path"]:
+        command["storage_path"] = str(Path(command["storage_path"]).resolve())
+    return command
 
 
 def _resumed(args) -> argparse.Namespace:
@@ -324,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / cpus-per-trial)")
     r.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     r.add_argument("--address", help="Ray cluster address (auto | HOST:PORT); default $RAY_ADDRESS or a local Ray")
+    r.add_argument("--storage-path", help="Ray Tune storage: a folder every node sees or an S3-compatible URI "
+                   "(s3://bucket/dir); required on a multi-node cluster (default OUTPUT-DIR/NAME/ray)")
+    r.add_argument("--gpu-batch-size", type=int, help="batch size of every trial when --gpus-per-trial > 0 "
+                   "(default --batch-size): a GPU needs larger batches to keep busy")
     r.add_argument("--max-failures", type=int, default=1,
                    help="retries of a failed trial (lost worker, error), each from its last epoch checkpoint")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns SQLite)")

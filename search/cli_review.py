@@ -20,7 +20,8 @@ def add_review_commands(sub) -> None:
     _run_args(c)
     c.add_argument("--seeds", type=int, default=3, help="training seeds per candidate (>= 2; default 3)")
     c.add_argument("--workers", type=int,
-                   help="retrains at once, one CPU each, as Ray tasks (default: 1, in this process; see README)")
+                   help="retrains at once, one CPU each, as Ray tasks (default: one per CPU when the search's "
+                        "training times say the retrains take over a minute, else 1, in this process)")
     c.add_argument("--out", help="confirmation folder (default ./embsize-out/NAME/confirm)")
     g = c.add_argument_group("data (default: rebuilt from the search's run)")
     g.add_argument("--data", help="the search's data source, when it cannot be rebuilt from the run's params")
@@ -70,7 +71,8 @@ def cmd_report(args) -> int:
 
 def cmd_confirm(args) -> int:
     from .cli import UsageError
-    from .confirm import ConfirmSettings, confirm, log_confirmation, rebuild_data, write_confirmation
+    from .confirm import (ConfirmSettings, candidates, confirm, log_confirmation, plan_workers, rebuild_data,
+                          write_confirmation)
 
     if args.seeds < 2:
         raise UsageError(f"--seeds is {args.seeds}, but must be >= 2 (one seed has no spread)")
@@ -81,13 +83,15 @@ def cmd_confirm(args) -> int:
                                  ("multi", parse_list(args.multi) or None)) if v}
     data = rebuild_data(result, args.data, **options)
     st = result.extra["settings"]
+    workers, estimate = plan_workers(candidates(result), args.seeds)
     settings = ConfirmSettings(
         seeds=args.seeds, first_seed=st["seed"] + 1, max_epochs=st["max_epochs"], patience=st["patience"],
-        batch_size=st["batch_size"], workers=args.workers or 1, rule=st["rule"], epsilon=st["epsilon"],
+        batch_size=st["batch_size"], workers=args.workers or workers, rule=st["rule"], epsilon=st["epsilon"],
         budget=st["memory_budget"],
     )
     print(f"confirming search '{result.name}': retraining its front, recommendation and baselines with seeds "
-          f"{settings.seed_list} ({settings.workers} at once)", flush=True)
+          f"{settings.seed_list}, {settings.workers} at once (~{estimate:.0f} s of training in sequence, from the "
+          "search's epoch times)", flush=True)
     conf = confirm(result, data, settings)
     out = Path(args.out) if args.out else Path("embsize-out") / result.name / "confirm"
     files = write_confirmation(result, conf, data, out)

@@ -43,6 +43,9 @@ from .recommend import recommend
 log = logging.getLogger(__name__)
 
 CONFIRM_ARTIFACTS = "confirm"  # folder of the parent run's artifacts that holds the confirmation
+# Starting a local Ray and its workers (torch import, dataset transfer) before the first retrain runs: 17 s + 11 s
+# measured on the 2-CPU test machine under load. Parallel retrains pay off once the work exceeds about twice that.
+RAY_OVERHEAD_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Candidate:
     run_id: str = ""  # its MLflow trial run
     on_front: bool = False
     heuristic: str = ""
+    train_seconds: float = math.nan  # the search's training time for it (epochs x seconds per epoch)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def candidates(result) -> list[Candidate]:
         out.append(Candidate(
             r["trial_id"], HEURISTICS.get(r["heuristic"], r["heuristic"]) if r["heuristic"] else "search", model,
             overrides["lr"], int(r["model_bytes"]), float(r["best_val_auc"]), r["run_id"], bool(r.get("on_front")),
-            r["heuristic"],
+            r["heuristic"], r["epochs"] * r.get("epoch_seconds", math.nan),
         ))
     return out
 
@@ -274,9 +278,18 @@ def log_confirmation(result, conf: Confirmation, files: dict[str, Path]) -> None
         c.log_artifact(result.parent_run_id, str(path), CONFIRM_ARTIFACTS)
 
 
-def default_workers(jobs: int) -> int:
-    """One retrain per CPU (each trains with one torch thread), never more than there are retrains."""
-    return max(1, min(jobs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def plan_workers(cands: list[Candidate], seeds: int, cpus: int | None = None) -> tuple[int, float]:
+    """(retrains at once, estimated sequential seconds): one per CPU as Ray tasks when the retrains, estimated from
+    the search's own training times, take long enough to repay starting Ray (``RAY_OVERHEAD_S``); else 1."""
+    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    known = [c.train_seconds for c in cands if math.isfinite(c.train_seconds)]
+    per_job = float(np.mean(known)) if known else math.inf  # unknown: assume long
+    estimate = per_job * len(cands) * seeds
+    workers = min(cpus, len(cands) * seeds)
+    # parallel: overhead + estimate / workers; worth it when that beats the estimate
+    if workers > 1 and estimate > RAY_OVERHEAD_S * workers / (workers - 1):
+        return workers, estimate
+    return 1, estimate
 
 
 def _rule_text(s: ConfirmSettings) -> str:

@@ -118,6 +118,8 @@ class ParetoASHA(FIFOScheduler):
         return metric is None and mode is None
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        if trial.trial_id in self._trial_info:  # a retried trial (Ray re-adds it after on_trial_error) keeps its bracket
+            return
         sizes = np.array([len(b.rungs) for b in self._brackets])
         probs = np.exp(sizes - sizes.max())
         self._trial_info[trial.trial_id] = self._brackets[self._rng.choice(len(self._brackets), p=probs / probs.sum())]
@@ -144,7 +146,7 @@ class ParetoASHA(FIFOScheduler):
             bracket.on_result(trial.trial_id, result[self._time_attr], point, protected=True)  # record only
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self._trial_info.pop(trial.trial_id, None)
+        pass  # Ray may retry the trial (on_trial_add again); its bracket and rung records stay
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         self._trial_info.pop(trial.trial_id, None)

@@ -175,6 +175,7 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict:
         "run_id": run.info.run_id,
         "error": tags.get("error", ""),
         "on_front": False,
+        "epoch_seconds": float(metrics.get("epoch_seconds", math.nan)),  # the last epoch's training time
     }
 
 

@@ -54,12 +54,20 @@ class SearchSettings:
     output_dir: str = "embsize-out"
     address: str | None = None  # Ray cluster address; None starts a local Ray
     num_cpus: int | None = None  # CPUs of a local Ray (None: all)
-    max_failures: int = 1  # retries of a trial whose worker died
+    max_failures: int = 1  # retries of a failed trial (lost worker or error), each from its last checkpoint
     sparse: bool = False
+    storage_path: str | None = None  # Ray Tune storage: a folder every node sees or an s3:// URI; None: OUT/NAME/ray
 
     @property
     def out(self) -> Path:
         return Path(self.output_dir).resolve() / self.name
+
+    @property
+    def storage(self) -> str:
+        """Ray Tune's storage_path (absolute folder or URI); the experiment goes to STORAGE/NAME."""
+        from .cluster import storage_path
+
+        return storage_path(self.storage_path, self.out / "ray")
 
 
 @dataclass
@@ -116,6 +124,7 @@ def run_search(
     from ray import tune
 
     from . import preflight, resume, tracking
+    from .cluster import check_cluster, is_uri
     from .schedulers import make_scheduler
     from .searcher import DimSearch
 
@@ -129,7 +138,9 @@ def run_search(
     previous = resume.load(out)
     if previous is not None:
         resume.check_same(previous, identity, settings.name)
-    experiment = out / "ray" / settings.name
+    # Ray Tune's experiment: a folder, or a URI string on remote storage (a Path would mangle s3://)
+    storage = settings.storage
+    experiment = f"{storage}/{settings.name}" if is_uri(storage) else Path(storage) / settings.name
     restoring = previous is not None and tune.Tuner.can_restore(str(experiment))
     out.mkdir(parents=True, exist_ok=True)
     if previous is None:
@@ -153,6 +164,9 @@ def run_search(
                 log_to_driver=False,
                 configure_logging=True,
             )
+        # multi-node needs (tracking server, shared storage), and that a trial fits a node: before any trial starts
+        check_cluster(uri, settings.storage, settings.storage_path is not None, settings.cpus_per_trial,
+                      settings.gpus_per_trial, can_grow=settings.address is not None)
         if baselines is not None:
             heuristics = dict(baselines)
         else:
@@ -190,7 +204,7 @@ def run_search(
                 ),
                 run_config=tune.RunConfig(
                     name=settings.name,
-                    storage_path=str(out / "ray"),
+                    storage_path=settings.storage,
                     callbacks=[runs],
                     verbose=0,
                     failure_config=failures,
@@ -255,10 +269,12 @@ def _restore(experiment: Path, trainable, uri: str, opened, on_event, failures):
     return tuner, runs
 
 
-def _prune_checkpoints(experiment: Path) -> None:
+def _prune_checkpoints(experiment: Path | str) -> None:
     """Delete the trials' epoch checkpoints of a finished search: they serve only to resume unfinished trials."""
     import shutil
 
+    if not isinstance(experiment, Path):  # remote storage (URI): left to the bucket's lifecycle rules
+        return
     freed = 0
     for ckpt in experiment.glob("*/checkpoint_*"):
         if ckpt.is_dir():

@@ -238,7 +238,8 @@ class TrialRuns(Callback):
             for k in ("val_auc", "val_logloss", "train_loss", "best_val_auc", "model_bytes", "epoch_seconds")
             if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
         ]
-        tags = [RunTag("node", str(result["node"]))] if step == 1 and "node" in result else []
+        # where the trial runs (a retried trial may move): node IP, Ray node id (unique per node), GPUs, cpu | cuda
+        tags = [RunTag(k, str(result[k])) for k in ("node", "node_id", "gpu_ids", "device") if k in result]
         self.c.log_batch(run_id, metrics=metrics, tags=tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -25,6 +25,7 @@ from pathlib import Path
 from pipelines import EncodedDataset, TrainConfig, model_bytes, train
 from pipelines.memory import embedding_bytes
 
+from .cluster import placement, trial_device
 from .space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ def train_config(settings: TrialSettings, overrides: dict) -> TrainConfig:
 
 
 def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: TrialSettings) -> None:
-    import ray
     from ray import tune
 
     model_cfg, overrides = space.decode(config)
@@ -69,7 +69,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
     cfg = train_config(settings, overrides)
     nbytes = model_bytes(data.features, model_cfg.dims, model_cfg.hidden)
     emb = sum(embedding_bytes(data.features, model_cfg.dims).values())
-    node = ray.util.get_node_ip_address()
+    where = {**placement(), "device": trial_device()}  # node IP, Ray node id, and cpu | cuda as Ray assigned
     resume, last = load_checkpoint(tune.get_checkpoint())
     start = len(resume["history"]) if resume else 0
     best_epoch = _best_epoch(resume["history"]) if resume else 0
@@ -77,7 +77,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
     if last is not None and (last["final"] or start >= cfg.max_epochs):
         # The checkpoint is of the trial's last epoch (it finished after the search's last state save): report the
         # same result again so Ray, the searcher and MLflow see the trial end as it did.
-        tune.report({**last, "node": node})
+        tune.report({**last, **where})
         return
 
     def on_epoch(r, snapshot) -> None:
@@ -97,7 +97,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
             "epoch_seconds": r.seconds,
             "final": final,
             "ended": ("converged" if converged else "max_epochs") if final else "",
-            "node": node,
+            **where,
         }
         _inject(faults, r.epoch, resumed=start, before_report=True)
         with tempfile.TemporaryDirectory(prefix="embsize-ckpt-") as tmp:
@@ -109,7 +109,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         _inject(faults, r.epoch, resumed=start)
 
-    train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume)
+    train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"])
 
 
 def save_checkpoint(directory: Path, snapshot: dict, metrics: dict) -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.model import ModelConfig
 from pipelines.recipe import Recipe
 from search.cli import main
-from search.confirm import Candidate, ConfirmSettings, decide, rebuild_data
+from search.confirm import RAY_OVERHEAD_S, Candidate, ConfirmSettings, decide, plan_workers, rebuild_data
 from search.review import load_review
 
 from .small_search import small_search
@@ -72,6 +73,15 @@ def test_decide_refuses_bad_input():
         decide(LUCKY, {**LUCKY_AUCS, "tiny": [0.7]}, "big")
     with pytest.raises(ValueError, match="seeds is 1, but must be >= 2"):
         ConfirmSettings(seeds=1)
+
+
+def test_plan_workers_parallelizes_only_work_that_repays_starting_ray():
+    quick = [replace(c, train_seconds=1.0) for c in LUCKY]  # 4 candidates x 3 seeds x 1 s = 12 s
+    assert plan_workers(quick, seeds=3, cpus=2) == (1, 12.0)
+    slow = [replace(c, train_seconds=RAY_OVERHEAD_S) for c in LUCKY]
+    assert plan_workers(slow, seeds=3, cpus=8) == (8, 12 * RAY_OVERHEAD_S)
+    assert plan_workers(slow, seeds=3, cpus=1)[0] == 1
+    assert plan_workers(LUCKY, seeds=2, cpus=4)[0] == 4  # unknown training time: assume it is long
 
 
 @pytest.mark.slow

@@ -168,6 +168,16 @@ def test_pareto_asha_save_restore_keeps_rungs(tmp_path):
     assert report(t, b, 1, 0.60, 1_000) == STOP
 
 
+def test_pareto_asha_retried_trial_keeps_bracket_and_rung_decisions():
+    s = pareto(brackets=3, max_t=27)
+    trials = added(s, *[str(i) for i in range(20)])
+    before = [s._trial_info[t.trial_id] for t in trials]
+    for t in trials:
+        s.on_trial_error(None, t)
+        s.on_trial_add(None, t)  # Ray's requeue after a lost worker
+    assert [s._trial_info[t.trial_id] for t in trials] == before
+
+
 def test_pareto_asha_brackets_are_seeded():
     def assignment(seed):
         s = pareto(brackets=3, seed=seed, max_t=27)

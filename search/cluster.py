@@ -1,0 +1,210 @@
+"""What a search needs from the Ray cluster it runs on, checked after ``ray.init`` and before any trial starts.
+
+On one machine everything is local and fine. With more than one node:
+
+- the MLflow tracking URI must be a server: a SQLite/file store lives on the driver's disk, where the team, other
+  searches and ``embsize train`` on another machine cannot reach it;
+- Ray Tune's ``storage_path`` must be storage every node sees (a shared mount or an ``s3://``-style URI): since
+  Ray 2.7 Tune no longer copies trial folders to the head node. A driver-written marker file is read back by a tiny
+  task pinned to each node, so "shared" is observed, not assumed;
+- the dataset reaches the trials through Ray's object store (``tune.with_parameters``), never through a path.
+
+Placement helpers used inside a trial live here too: which node it runs on, and which device Ray gave it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 120.0  # a node gets this long to start a worker and read the marker
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    nodes: int  # alive Ray nodes
+    cpus: float  # cluster total
+    gpus: float  # cluster total
+    storage_path: str  # what Ray Tune writes to: a local path (one node), a shared path or a URI
+
+
+def check_gpus_per_trial(gpus: float) -> float:
+    """A fraction of one GPU (0.25: four trials share a GPU) or a whole number of GPUs."""
+    if not math.isfinite(gpus) or gpus < 0:
+        raise ValueError(f"--gpus-per-trial is {gpus}, but must be >= 0 (a fraction like 0.25, or a whole number)")
+    if gpus > 1 and not float(gpus).is_integer():
+        raise ValueError(f"--gpus-per-trial is {gpus}, but above 1 it must be a whole number (Ray shares a GPU only "
+                         "below one whole GPU)")
+    return gpus
+
+
+def is_uri(path: str) -> bool:
+    """A remote storage URI (s3://, gs://, ...); file:// and plain paths are local."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> Path:
+    return Path(path[len("file://"):] if path.startswith("file://") else path).expanduser().resolve()
+
+
+def check_tracking_uri(uri: str, nodes: int) -> None:
+    from .tracking import is_local_store
+
+    if nodes > 1 and is_local_store(uri) and not uri.startswith("databricks"):  # "databricks[://profile]": a server
+        raise ValueError(
+            f"tracking URI '{uri}' is a local MLflow store, but the Ray cluster has {nodes} nodes; start an MLflow "
+            "server (`mlflow server --backend-store-uri postgresql://... --host 0.0.0.0`) and pass "
+            "--tracking-uri http://HOST:5000"
+        )
+
+
+def check_storage_path(path: str, nodes: list[dict], explicit: bool) -> None:
+    """Refuse a storage path that not every node sees. ``nodes``: alive entries of ``ray.nodes()``."""
+    if len(nodes) <= 1:
+        return
+    fix = "pass --storage-path with a folder every node mounts (e.g. NFS) or an S3-compatible URI (s3://bucket/dir)"
+    if not explicit:
+        raise ValueError(f"Ray storage path '{path}' is the default local folder, but the Ray cluster has "
+                         f"{len(nodes)} nodes; {fix}")
+    blind = _nodes_not_seeing(path, nodes)
+    if blind:
+        raise ValueError(f"Ray storage path '{path}' is not visible from {len(blind)} of {len(nodes)} nodes "
+                         f"({', '.join(blind)}); {fix}")
+
+
+def check_cluster(
+    tracking_uri: str,
+    storage: str,
+    explicit_storage: bool,
+    cpus_per_trial: float = 1,
+    gpus_per_trial: float = 0,
+    can_grow: bool = False,
+) -> ClusterInfo:
+    """Check the connected Ray cluster against the search's needs; a ``ValueError`` names the first unmet one.
+
+    ``storage``: Ray Tune's storage_path (absolute path or URI); ``explicit_storage``: the user chose it (a default
+    local folder is refused on more than one node even where it happens to be shared). ``can_grow``: an existing
+    cluster, whose autoscaler may still add the nodes a trial needs (a warning then, not an error).
+    """
+    import ray
+
+    nodes = alive_nodes()
+    total = ray.cluster_resources()
+    try:
+        check_fits(nodes, cpus_per_trial, gpus_per_trial)
+    except ValueError as e:
+        if not can_grow:
+            raise
+        log.warning("%s; trials wait until the cluster's autoscaler adds such a node", e)
+    check_tracking_uri(tracking_uri, len(nodes))
+    check_storage_path(storage, nodes, explicit_storage)
+    info = ClusterInfo(len(nodes), total.get("CPU", 0.0), total.get("GPU", 0.0), storage)
+    log.info("Ray cluster: %d node(s), %g CPUs, %g GPUs; storage %s", info.nodes, info.cpus, info.gpus, storage)
+    return info
+
+
+def storage_path(path: str | None, default: Path) -> str:
+    """Ray Tune's storage_path: ``path`` (a shared folder or a URI) made absolute, else ``default``."""
+    chosen = path or str(default)
+    return chosen if is_uri(chosen) else str(local_path(chosen))
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(nodes: list[dict], cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """A trial must fit on some node, or Ray Tune would wait for it forever."""
+    for name, need in (("CPU", cpus_per_trial), ("GPU", gpus_per_trial)):
+        most = max((n.get("Resources", {}).get(name, 0.0) for n in nodes), default=0.0)
+        if need > most:
+            flag = f"--{name.lower()}s-per-trial"
+            raise ValueError(f"{flag} is {need:g}, but the largest Ray node has {most:g} {name}s; lower {flag} or "
+                             f"add a node with more {name}s (ray start --num-{name.lower()}s)")
+
+
+def _nodes_not_seeing(path: str, nodes: list[dict]) -> list[str]:
+    """Write a marker from the driver; a task pinned to each node reads it back. Returns the blind nodes' labels."""
+    import pyarrow.fs
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    marker = f"{path.rstrip('/')}/.embsize-probe-{token}"
+    try:
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(marker)
+        fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(fs_path) as f:
+            f.write(token.encode())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot write to the Ray storage path '{path}' ({str(e).splitlines()[0]}); fix "
+                         "--storage-path or its permissions") from None
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(read_marker)
+        pinned = {_label(n): NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes}
+        refs = {label: read.options(scheduling_strategy=on).remote(marker) for label, on in pinned.items()}
+        try:
+            seen = dict(zip(refs, ray.get(list(refs.values()), timeout=PROBE_TIMEOUT_S)))
+        except ray.exceptions.GetTimeoutError:
+            raise ValueError(f"the storage probe got no answer from every Ray node within {PROBE_TIMEOUT_S:.0f} s; "
+                             "check that all nodes are healthy (`ray status`)") from None
+        except ray.exceptions.RayTaskError as e:  # e.g. embsize not installed on a node
+            raise ValueError(f"the storage probe failed on a Ray node: {str(e).strip().splitlines()[-1]}; every node "
+                             "needs embsize installed (use the same image on all nodes)") from None
+    finally:
+        try:
+            fs.delete_file(fs_path)
+        except OSError:
+            log.warning("could not delete the storage probe %s", marker)
+    return [label for label, content in seen.items() if content != token]
+
+
+def read_marker(marker: str) -> str | None:
+    """Runs on a node: the marker's content, or None when this node cannot see it."""
+    import pyarrow.fs
+
+    try:
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(marker)
+        with fs.open_input_stream(fs_path) as f:
+            return f.read().decode()
+    except (OSError, ValueError):
+        return None
+
+
+def _label(node: dict) -> str:
+    return f"{node.get('NodeManagerAddress', '?')} {node['NodeID'][:8]}"
+
+
+def placement() -> dict[str, str]:
+    """Where the calling trial runs: node IP, Ray's node id (two nodes on one machine share an IP), GPUs given."""
+    import ray
+
+    return {
+        "node": ray.util.get_node_ip_address(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),  # Ray's assignment ('' = none)
+    }
+
+
+def trial_device() -> str:
+    """The device Ray assigned to the calling trial: 'cuda' when it holds a GPU (share) and CUDA works, else 'cpu'.
+
+    Ray points CUDA_VISIBLE_DEVICES at the trial's GPU, so 'cuda' is that GPU. A trial without GPUs trains on the
+    CPU even on a GPU node (torch alone would pick the node's GPU there).
+    """
+    import ray
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("Ray assigned GPU %s to this trial, but torch sees no CUDA device here: training on the CPU", gpu_ids)
+    return "cpu"
