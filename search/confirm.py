@@ -43,9 +43,11 @@ from .recommend import recommend
 log = logging.getLogger(__name__)
 
 CONFIRM_ARTIFACTS = "confirm"  # folder of the parent run's artifacts that holds the confirmation
-# Starting a local Ray and its workers (torch import, dataset transfer) before the first retrain runs: 17 s + 11 s
-# measured on the 2-CPU test machine under load. Parallel retrains pay off once the work exceeds about twice that.
-RAY_OVERHEAD_S = 30.0
+# Starting a local Ray and its workers (torch import, dataset transfer) before the first retrain runs, measured on the
+# 2-CPU machine: 6.7 s + 5.3 s idle, 17 s + 11 s under load. Then 2 one-thread retrains at once run 1.74x faster than
+# in sequence (12 retrains of 20 epochs on 100k rows: 53.1 s -> 30.5 s with the start; 2 torch threads in one process:
+# 100.5 s, these models are too small for intra-op threads). Parallel pays off once the work exceeds ~2x the start.
+RAY_OVERHEAD_S = 20.0
 
 
 @dataclass(frozen=True)
