@@ -173,6 +173,18 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _processes_using(root: Path) -> list[int]:
+    """Pids whose command line names our private temp dir (so they are ours: Ray passes it to every process)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(root).encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _node_args(temp: str) -> list[str]:
     ports = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
              "metrics-export")
@@ -238,17 +250,19 @@ def cluster():
         spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'm.db'}",
                          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
                          "--port", str(mlflow_port), "--workers", "1"])
-        _wait("Ray head", lambda: _alive_nodes(address, env), 90, procs, root)
+        _wait("Ray head", lambda: _alive_nodes(address, env), 180, procs, root)
         spawn("worker", [str(BIN / "ray"), "start", f"--address={address}", *_node_args(str(root / "ray"))])
-        nodes = _wait("Ray worker node", lambda: _alive_nodes(address, env, want=2), 90, procs, root)
+        nodes = _wait("Ray worker node", lambda: _alive_nodes(address, env, want=2), 180, procs, root)
         tracking = f"http://127.0.0.1:{mlflow_port}"
-        _wait("MLflow server", lambda: _http_ok(f"{tracking}/health"), 120, procs, root)
+        _wait("MLflow server", lambda: _http_ok(f"{tracking}/health"), 240, procs, root)
         yield {"address": address, "nodes": nodes, "tracking": tracking, "env": env, "root": root}
     finally:
         _stop(procs)
-        leftover = [p.pid for p in procs if _group_alive(p.pid)]
+        strays = _processes_using(root)  # anything of ours that left its process group
+        for pid in strays:
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
-        assert not leftover, f"processes left running: {leftover}"
+        assert not [p.pid for p in procs if _group_alive(p.pid)], "Ray or MLflow processes left running"
 
 
 def _embsize(cluster: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
