@@ -4,7 +4,7 @@ The seed's BookRecommendationModel (user, book, genre embeddings -> MLP) is the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -273,4 +273,4 @@ class Backprop:
             return
         touched, inverse = torch.unique(rows, return_inverse=True)
         grad = torch.zeros(len(touched), src.shape[1], dtype=src.dtype, device=src.device)
-        self.table_grads[k] = (touched, grad.index_add_(0, inverse, src))
+        self.table_grads[k] = (touched.long(), grad.index_add_(0, inverse, src))  # index_copy_ takes int64 only

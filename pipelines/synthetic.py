@@ -9,7 +9,7 @@ Zipf-like frequencies, so rare categories exist as in real logs. Multi-valued fe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd

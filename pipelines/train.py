@@ -1,8 +1,8 @@
 """The trainer: a plain function the search calls once per trial, reporting once per epoch.
 
 Where the speed comes from (``benchmarks/throughput.py`` measures it against a standard DataLoader loop):
-every split is held as tensors and batched by slicing a once-per-epoch permuted copy (no per-row
-``Dataset.__getitem__``, no collate); the step is ``model.Backprop``'s hand-derived forward/backward into reused
+every split is held as tensors and batched by slicing chunks gathered in a once-per-epoch permutation (no per-row
+``Dataset.__getitem__``, no collate, no copy of the dataset per trial); the step is ``model.Backprop``'s hand-derived forward/backward into reused
 buffers (no autograd graph, one fused lookup per embedding dim); the update is one fused Adam kernel call; the
 training loss is computed once per epoch from the logits each step left behind.
 """
@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -75,21 +76,29 @@ class TrainResult:
         return len(self.history)
 
 
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``; on the CPU a zero-copy view. A search's arrays are read-only pages of Ray's
+    object store, shared by every trial on the node: nothing here writes to them, and copying them per trial would
+    multiply the dataset's memory by the trials running at once."""
+    if not array.flags.writeable:
+        with warnings.catch_warnings():  # torch warns that writing would be undefined; nothing writes
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array).to(device)
+    return torch.from_numpy(array).to(device)
+
+
 class SplitTensors:
-    """A split as tensors in the model's input layout: (N, S) single-valued indices, bags, labels."""
+    """A split as tensors in the model's input layout: (N, S) single-valued indices (int32), bags, labels."""
 
     def __init__(self, split: Encoded, model: EmbeddingRecommender, device: torch.device):
         cols = [split.columns[name].values for name in model.single_order]
         single = np.stack(cols, axis=1) if cols else np.zeros((len(split), 0), dtype=np.int32)
-        self.single = torch.from_numpy(single.astype(np.int64)).to(device)
-        self.bags = [
-            (
-                torch.from_numpy(split.columns[n].values.astype(np.int64)).to(device),
-                torch.from_numpy(split.columns[n].offsets).to(device),
-            )
+        self.single = torch.from_numpy(single).to(device)
+        self.bags = [  # int64 values like the offsets: older torch's embedding_bag wants one index dtype
+            (_tensor(split.columns[n].values, device).to(torch.int64), _tensor(split.columns[n].offsets, device))
             for n in model.bag_order
         ]
-        self.label = torch.from_numpy(split.label).to(device)
+        self.label = _tensor(split.label, device)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -119,38 +128,59 @@ def _permute_bag(values: torch.Tensor, offsets: torch.Tensor, perm: torch.Tensor
 
 
 class TrainBatches:
-    """The training split in ``Backprop``'s input layout: per fused table its row ids (feature offsets added once,
-    not per step), per bag feature the batch row and 1/length of every value."""
+    """The training split in ``Backprop``'s input layout, gathered in permutation order one chunk at a time.
 
-    def __init__(self, tensors: SplitTensors, model: EmbeddingRecommender):
-        self.idx = [(tensors.single[:, a:b] + base).contiguous() for a, b, base in model.group_layout()]
-        self.bags, self.label = tensors.bags, tensors.label
+    The encoded int32 columns are read where they are (``_tensor``: in a search, the object store's shared pages),
+    never copied whole: each epoch gathers ``chunk_rows`` rows at a time, per fused table its row ids (feature
+    offsets added) and per bag feature the batch row and 1/length of every value, and slices batches (views) out of
+    that chunk. A trial's own memory is then O(chunk), not O(rows); a chunk of 64 batches keeps the gathers' per-op
+    overhead off the steps.
+    """
+
+    def __init__(self, split: Encoded, model: EmbeddingRecommender, device: torch.device, chunk_rows: int = 1 << 16):
+        self.tables = [
+            ([_tensor(split.columns[n].values, device) for n in model.single_order[a:b]], base.to(device))
+            for a, b, base in model.group_layout()
+        ]
+        self.bags = [
+            (_tensor(split.columns[n].values, device), _tensor(split.columns[n].offsets, device))
+            for n in model.bag_order
+        ]
+        self.label = _tensor(split.label, device)
+        self.chunk_rows = chunk_rows
 
     def __len__(self) -> int:
         return len(self.label)
 
     def epoch(self, perm: torch.Tensor, size: int) -> tuple[torch.Tensor, Iterator[tuple]]:
         """The labels in ``perm`` order, and batches of ``size`` rows in that order, each (row ids per table, bags,
-        labels, the batch's slice of the epoch): slices (views) of one permuted copy."""
-        idx = [t.index_select(0, perm).view(-1) for t in self.idx]  # flat, row-major: a batch is one slice
-        widths = [t.shape[1] for t in self.idx]
-        bags = []
-        for values, offsets in self.bags:
-            values, offsets = _permute_bag(values, offsets, perm)
-            lengths = offsets[1:] - offsets[:-1]
-            rows = torch.repeat_interleave(torch.arange(len(perm), device=perm.device), lengths)
-            weight = torch.repeat_interleave(1.0 / lengths.to(torch.float32), lengths)
-            bags.append((values, offsets, offsets.cpu().numpy(), rows, weight))  # host offsets: slicing without a sync
+        labels, the batch's slice of the epoch)."""
         label = self.label.index_select(0, perm)
+        chunk = max(1, self.chunk_rows // size) * size  # whole batches per chunk
 
         def batches():
-            for a in range(0, len(label), size):
-                b = min(a + size, len(label))
-                batch_bags = []
-                for values, offsets, host, rows, weight in bags:
-                    s, e = int(host[a]), int(host[b])
-                    batch_bags.append((values[s:e], offsets[a:b] - s, rows[s:e] - a, weight[s:e]))
-                yield [t[a * w : b * w] for t, w in zip(idx, widths)], batch_bags, label[a:b], slice(a, b)
+            for c in range(0, len(perm), chunk):
+                p = perm[c : c + chunk]
+                # flat, row-major (a batch is one slice), int64: index_add_ is ~4x slower with int32 row ids
+                idx = [torch.stack([col.index_select(0, p) for col in cols], 1).to(torch.int64).add_(base).view(-1)
+                       for cols, base in self.tables]
+                widths = [len(cols) for cols, _ in self.tables]
+                bags = []
+                for values, offsets in self.bags:
+                    values, offsets = _permute_bag(values, offsets, p)
+                    values = values.to(torch.int64)  # as above
+                    lengths = offsets[1:] - offsets[:-1]
+                    rows = torch.repeat_interleave(torch.arange(len(p), device=p.device), lengths)
+                    weight = torch.repeat_interleave(1.0 / lengths.to(torch.float32), lengths)
+                    bags.append((values, offsets, offsets.cpu().numpy(), rows, weight))  # host: slicing without sync
+                for a in range(0, len(p), size):
+                    b = min(a + size, len(p))
+                    batch_bags = []
+                    for values, offsets, host, rows, weight in bags:
+                        s, e = int(host[a]), int(host[b])
+                        batch_bags.append((values[s:e], offsets[a:b] - s, rows[s:e] - a, weight[s:e]))
+                    yield ([t[a * w : b * w] for t, w in zip(idx, widths)], batch_bags, label[c + a : c + b],
+                           slice(c + a, c + b))
 
         return label, batches()
 
@@ -293,7 +323,7 @@ def train(
     bp = Backprop(model, cfg.batch_size, sparse=cfg.sparse, generator=dropout_gen)
     opt = Adam(bp, cfg.lr, cfg.weight_decay)
     train_split = _concat(data.train, data.val) if train_on_val else data.train
-    tr = TrainBatches(SplitTensors(train_split, model, dev), model)
+    tr = TrainBatches(train_split, model, dev)
     logits = torch.empty(len(tr), 1, device=dev)
     va = SplitTensors(data.val, model, dev)
     gen = torch.Generator().manual_seed(cfg.seed)

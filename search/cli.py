@@ -174,7 +174,7 @@ def cmd_search(args) -> int:
         epsilon=args.epsilon, heuristics=not args.no_heuristics, seed=args.seed,
         tracking_uri=uri, experiment=args.experiment,
         output_dir=str(out_dir), address=address,
-        num_cpus=args.num_cpus, max_failures=args.max_failures,
+        num_cpus=args.num_cpus, max_failures=args.max_failures, sparse=args.sparse,
     )
     previous = resume.load(settings.out)
     if previous is not None:  # run_search checks again; here it is refused before anything is printed
@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--knee", action="store_true", help="recommend the knee of the front")
     g.add_argument("--epsilon", type=float, default=0.002, help="recommend the smallest model within this AUC of the best")
     g.add_argument("--no-heuristics", action="store_true", help="skip the rule-of-thumb baselines")
+    g.add_argument("--sparse", action="store_true",
+                   help="sparse embedding gradients (lazy Adam on the rows a batch touches): for ~1M-row tables")
     g.add_argument("--name", help="search name (output folder, Ray experiment, Optuna study, MLflow run); "
                                   "an existing search of that name is continued")
     g.add_argument("--resume", metavar="NAME",

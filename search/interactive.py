@@ -55,11 +55,11 @@ def front_figure(result):
 
 
 def write_front_html(result, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from pipelines.recipe import write_atomic
+
     # include_plotlyjs=True embeds the library (no CDN); no MathJax; no plotly.com logo link, no "send to cloud" server URL.
-    front_figure(result).write_html(
-        path, include_plotlyjs=True, include_mathjax=False, full_html=True,
+    html = front_figure(result).to_html(
+        include_plotlyjs=True, include_mathjax=False, full_html=True,
         config={"displaylogo": False, "showSendToCloud": False},
     )
-    return path
+    return write_atomic(Path(path), html)

@@ -62,3 +62,24 @@ def _distinct_front(a: np.ndarray, s: np.ndarray) -> np.ndarray:
     idx = idx[np.lexsort((idx, s[idx]))]
     # On the front equal size means equal AUC, so copies are neighbours of equal size.
     return idx[np.r_[True, s[idx][1:] != s[idx][:-1]]]
+
+
+def conclude(records: list[dict], rule: str, epsilon: float, budget: float | None, ref: tuple[float, float]):
+    """From a search's trial records: the completed ones (each marked ``on_front``), the front sorted by bytes, the
+    recommended record and the front's hypervolume (NaN without a finite reference). None when nothing completed.
+
+    The search's end and ``embsize report`` both call this, so a report recomputes exactly what the search wrote."""
+    from .pareto import hypervolume
+
+    done = [r for r in records if r["outcome"] == "completed" and math.isfinite(r["best_val_auc"])]
+    if not done:
+        return None
+    auc = np.array([r["best_val_auc"] for r in done])
+    size = np.array([r["model_bytes"] for r in done], dtype=float)
+    mask = non_dominated(auc, size)
+    for r, m in zip(done, mask):
+        r["on_front"] = bool(m)
+    front = sorted((r for r in done if r["on_front"]), key=lambda r: r["model_bytes"])
+    pick = done[recommend(auc, size, rule=rule, epsilon=epsilon, budget=budget)]
+    hv = hypervolume(auc[mask], size[mask], ref_auc=ref[0], ref_bytes=ref[1]) if math.isfinite(ref[1]) else math.nan
+    return done, front, pick, hv

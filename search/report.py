@@ -49,6 +49,20 @@ def front_frame(result) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("model_bytes", kind="stable").reset_index(drop=True)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Render a matplotlib figure and write it atomically (temporary file + rename), then free it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from pipelines.recipe import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return write_atomic(Path(path), buf.getvalue())
+
+
 def plot_front(result, path: Path) -> Path:
     import matplotlib
 
@@ -79,10 +93,7 @@ def plot_front(result, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 REPORT_ARTIFACTS = "report"  # folder of the parent run's artifacts that holds the report
@@ -150,10 +161,7 @@ def plot_learning_curves(result, histories: dict[str, list[tuple[int, float]]], 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(result, out: Path, histories: dict, sensitivity: pd.DataFrame | None = None,

@@ -17,14 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from pipelines.dataset import FeatureInfo
 from pipelines.memory import embedding_bytes
 from pipelines.model import ModelConfig
 
-from .pareto import hypervolume, non_dominated
-from .recommend import recommend
+from .recommend import conclude
 from .runner import SearchResult
 from .space import DIM_PREFIX, hidden_layers
 
@@ -104,23 +102,16 @@ def load_review(run: str, tracking_uri: str | None = None, experiment: str = "em
     fixed = _fixed(c, parent.info.run_id, recipe, children)
     records = [_record(r, features, fixed) for r in children]
     settings = _settings(params)
-    done = [r for r in records if r["outcome"] == "completed" and math.isfinite(r["best_val_auc"])]
-    if not done:
+    ref = _reference(c, parent.info.run_id)
+    concluded = conclude(records, settings["rule"], settings["epsilon"], settings["memory_budget"], ref)
+    if concluded is None:
         raise ValueError(f"no trial of search '{name}' completed; nothing to review")
-    auc = np.array([r["best_val_auc"] for r in done])
-    size = np.array([r["model_bytes"] for r in done], dtype=float)
-    mask = non_dominated(auc, size)
-    for r, m in zip(done, mask):
-        r["on_front"] = bool(m)
-    front = sorted((r for r in done if r["on_front"]), key=lambda r: r["model_bytes"])
-    pick = done[recommend(auc, size, rule=settings["rule"], epsilon=settings["epsilon"],
-                          budget=settings["memory_budget"])]
+    done, front, pick, hv = concluded
     tagged = parent.data.tags.get("recommended_trial", "")
     if tagged and tagged != pick["trial_id"]:
         log.warning("recomputed recommendation %s differs from the search's tag %s", pick["trial_id"], tagged)
-    ref = _reference(c, parent.info.run_id)
-    hv = hypervolume(auc[mask], size[mask], ref_auc=ref[0], ref_bytes=ref[1]) if math.isfinite(ref[1]) else \
-        float(metrics.get("hypervolume", math.nan))
+    if math.isnan(hv):  # no reference bytes recorded: the search's own figure
+        hv = float(metrics.get("hypervolume", math.nan))
     out_dir = Path(params.get("search.output_dir", "embsize-out")) / name
     extra = {
         "tracking_uri": uri, "experiment_id": parent.info.experiment_id, "params": params, "metrics": metrics,

@@ -16,14 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from pipelines import EncodedDataset
 from pipelines.recipe import Recipe, write_atomic
 
-from .heuristics import HEURISTICS, heuristic_dims
-from .pareto import hypervolume, non_dominated
-from .recommend import recommend
+from .heuristics import heuristic_dims
+from .recommend import conclude
 from .space import SearchSpace
 from .trial import TrialSettings, run_trial, train_config
 
@@ -342,20 +340,13 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
 
 
 def _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info) -> SearchResult:
-    done = [r for r in records if r["outcome"] == "completed" and math.isfinite(r["best_val_auc"])]
-    if not done:
+    concluded = conclude(records, settings.rule, settings.epsilon, settings.memory_budget, ref)
+    if concluded is None:
         raise NoTrialCompleted(
             f"no trial of search '{settings.name}' completed (see {settings.out / 'trials.csv'}); "
             "check the trial errors in MLflow or raise --trials"
         )
-    auc = np.array([r["best_val_auc"] for r in done])
-    size = np.array([r["model_bytes"] for r in done], dtype=float)
-    mask = non_dominated(auc, size)
-    for r, m in zip(done, mask):
-        r["on_front"] = bool(m)
-    front = sorted((r for r in done if r["on_front"]), key=lambda r: r["model_bytes"])
-    pick = done[recommend(auc, size, rule=settings.rule, epsilon=settings.epsilon, budget=settings.memory_budget)]
-    hv = hypervolume(auc[mask], size[mask], ref_auc=ref[0], ref_bytes=ref[1])
+    done, front, pick, hv = concluded
     out = settings.out
     model_cfg, overrides = space.decode(pick["config"])
     ts = TrialSettings(settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed)
@@ -392,7 +383,7 @@ def _write_tables(result: SearchResult) -> None:
     out = result.out
     write_atomic(out / "trials.csv", trials_frame(result.trials).to_csv(index=False))
     write_atomic(out / "front.csv", front_frame(result).to_csv(index=False))
-    _atomic(out / "pareto.png", lambda tmp: plot_front(result, tmp))
+    plot_front(result, out / "pareto.png")
     summary = {
         "name": result.name,
         "hypervolume": result.hypervolume,
@@ -407,17 +398,6 @@ def _write_tables(result: SearchResult) -> None:
         "parent_run_id": result.parent_run_id,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` then rename onto ``path`` (like ``write_atomic``, for files a library writes by name)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells matplotlib the format
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _log_parent(c, parent_id: str, result: SearchResult) -> None:

@@ -146,10 +146,9 @@ def plot_sensitivity(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.set_title(title or "per-parameter sensitivity", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from .report import save_figure
+
+    return save_figure(fig, path)
 
 
 def _completed(study) -> int:

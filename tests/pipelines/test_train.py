@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -145,13 +146,13 @@ def _one_step_setup(sparse: bool, weight_decay: float = 0.0):
          "t": Column(rng.integers(0, 9, offsets[-1]).astype(np.int32), offsets)},
         rng.integers(0, 2, 40).astype(np.float32),
     )
-    return model, SplitTensors(split, model, torch.device("cpu"))
+    return model, SplitTensors(split, model, torch.device("cpu")), split
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("fused", [True, False])
 def test_adam_steps_equal_torch_optim_adam_on_autograd_gradients(fused, weight_decay):
-    model, tensors = _one_step_setup(sparse=False)
+    model, tensors, split = _one_step_setup(sparse=False)
     reference = EmbeddingRecommender(model.features, model.dims, model.hidden)
     reference.load_state_dict(model.state_dict())
     ref_opt = torch.optim.Adam(
@@ -160,7 +161,7 @@ def test_adam_steps_equal_torch_optim_adam_on_autograd_gradients(fused, weight_d
     )
     bp = Backprop(model, 16)
     opt = Adam(bp, 0.01, weight_decay, fused=fused)
-    batches = TrainBatches(tensors, model)
+    batches = TrainBatches(split, model, torch.device("cpu"), chunk_rows=32)  # 40 rows: a chunk boundary mid-epoch
     perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(0))
     _, ours = batches.epoch(perm, 16)
     theirs = tensors.permuted(perm).batches(16)
@@ -176,7 +177,7 @@ def test_adam_steps_equal_torch_optim_adam_on_autograd_gradients(fused, weight_d
 
 
 def test_adam_sparse_rows_equal_torch_optim_sparse_adam():
-    model, tensors = _one_step_setup(sparse=True)
+    model, tensors, split = _one_step_setup(sparse=True)
     reference = EmbeddingRecommender(model.features, model.dims, model.hidden, sparse=True)
     reference.load_state_dict(model.state_dict())
     ref_sparse = torch.optim.SparseAdam(reference.embedding_parameters(), lr=0.01)
@@ -184,7 +185,7 @@ def test_adam_sparse_rows_equal_torch_optim_sparse_adam():
     bp = Backprop(model, 16, sparse=True)
     opt = Adam(bp, 0.01)
     perm = torch.arange(len(tensors))
-    _, ours = TrainBatches(tensors, model).epoch(perm, 16)
+    _, ours = TrainBatches(split, model, torch.device("cpu")).epoch(perm, 16)
     for (idx, bags, y, _), (single, ref_bags, _) in zip(ours, tensors.batches(16)):
         bp.step(idx, bags, y)
         opt.step()
@@ -202,6 +203,36 @@ def test_adam_sparse_rows_equal_torch_optim_sparse_adam():
     torch.manual_seed(0)  # as _one_step_setup built the model
     initial = EmbeddingRecommender(model.features, model.dims, model.hidden)
     assert torch.equal(model.table("u")[untouched], initial.table("u")[untouched])
+
+
+@pytest.mark.parametrize("chunk_rows", [16, 32, 1 << 16])
+def test_train_batches_read_the_columns_in_place_and_chunks_change_nothing(chunk_rows):
+    model, tensors, split = _one_step_setup(sparse=False)
+    for col in split.columns.values():  # as Ray's object store hands them to a trial
+        col.values.flags.writeable = False
+    split.label.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" warning either
+        batches = TrainBatches(split, model, torch.device("cpu"), chunk_rows=chunk_rows)
+    cols = [c for cols, _ in batches.tables for c in cols] + [v for v, _ in batches.bags]
+    names = model.single_order + model.bag_order
+    assert all(c.data_ptr() == split.columns[n].values.ctypes.data for c, n in zip(cols, names))  # no copy
+    perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(1))
+    labels, ours = batches.epoch(perm, 16)
+    _, whole = TrainBatches(split, model, torch.device("cpu"), chunk_rows=len(perm)).epoch(perm, 16)
+    reference = tensors.permuted(perm)
+    assert torch.equal(labels, reference.label)
+    rows = 0
+    for (idx, bags, y, where), (idx2, bags2, y2, _), (single, ref_bags, y3) in zip(ours, whole, reference.batches(16)):
+        assert torch.equal(y, y2) and torch.equal(y, y3) and where == slice(rows, rows + len(y))
+        assert all(torch.equal(a.long(), b.long()) for a, b in zip(idx, idx2))
+        for (v, o, r, w), (v2, o2, r2, w2), (v3, o3) in zip(bags, bags2, ref_bags):
+            assert torch.equal(v.long(), v3.long()) and torch.equal(o.long(), o3.long())
+            assert torch.equal(v, v2) and torch.equal(r, r2) and torch.equal(w, w2)
+        first, _, base = model.group_layout()[0]
+        assert torch.equal(idx[0].view(len(y), -1).long(), single[:, first : first + idx[0].numel() // len(y)] + base)
+        rows += len(y)
+    assert rows == len(perm)
 
 
 def test_evaluate_reports_nan_auc_for_one_class(data):

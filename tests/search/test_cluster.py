@@ -10,15 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -35,7 +28,8 @@ from search.cluster import (
     storage_path,
 )
 
-BIN = Path(sys.executable).parent
+from .local_cluster import BIN, LocalCluster
+
 TWO_NODES = [{"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 1.0}},
              {"NodeID": "b" * 56, "Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
 
@@ -144,125 +138,16 @@ def test_trial_device_falls_back_to_cpu_when_ray_assigns_a_gpu_without_cuda():
 # --- a real two-node cluster and MLflow server on this machine (slow) ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to each process group we started, then SIGKILL what is left (Ray drains for up to 30 s otherwise)."""
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for p in procs:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_group_alive(p.pid) for p in procs):
-            time.sleep(0.2)
-    for p in procs:
-        p.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _processes_using(root: Path) -> list[int]:
-    """Pids whose command line names our private temp dir (so they are ours: Ray passes it to every process)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if str(root).encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _node_args(temp: str) -> list[str]:
-    ports = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
-             "metrics-export")
-    return ["--block", "--num-cpus=1", "--num-gpus=1", "--object-store-memory=200000000", "--disable-usage-stats",
-            f"--temp-dir={temp}", *(f"--{p}-port={_free_port()}" for p in ports)]
-
-
-def _alive_nodes(address: str, env: dict, want: int = 1) -> list[str]:
-    """Ids of the cluster's alive nodes once there are ``want`` of them, else []."""
-    code = "import json, ray; ray.init(address=%r); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
-    out = subprocess.run([sys.executable, "-c", code % address], env=env, capture_output=True, text=True, timeout=60)
-    nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
-    return nodes if len(nodes) >= want else []
-
-
-def _wait(what: str, ready, timeout: float, procs: list[subprocess.Popen], logs: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ready()
-        if value:
-            return value
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(1)
-    tails = "\n".join(f"--- {f.name}\n{f.read_text()[-1500:]}" for f in sorted(logs.glob("*.log")))
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{tails}")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a worker node (1 CPU + 1 fake GPU each) and an MLflow server; yields addresses, node ids, env."""
-    # Ray's unix socket paths must stay short: a private dir directly under /tmp, not pytest's deep tmp_path
-    root = Path(tempfile.mkdtemp(prefix="es-cl-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    # token auth on our own cluster only: a random token, never the user's ~/.ray one
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-
     # Trials on 6000 rows take a second, less than a Ray worker takes to start on the second node: with the trial
     # fault hook's pause after each epoch (trial.py), one node cannot finish every trial before the other joins in.
-    node_env = {**env, "EMBSIZE_FAULT_INJECT": "sleep=3"}
-
-    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(root / f"{name}.log", "w")
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=node_env if name != "mlflow" else env,
-                             cwd=root, start_new_session=True)
-        procs.append(p)
-        return p
-
-    try:
-        port, mlflow_port = _free_port(), _free_port()
-        address = f"127.0.0.1:{port}"
-        spawn("head", [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                       *_node_args(str(root / "ray"))])
-        spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'm.db'}",
-                         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                         "--port", str(mlflow_port), "--workers", "1"])
-        _wait("Ray head", lambda: _alive_nodes(address, env), 180, procs, root)
-        spawn("worker", [str(BIN / "ray"), "start", f"--address={address}", *_node_args(str(root / "ray"))])
-        nodes = _wait("Ray worker node", lambda: _alive_nodes(address, env, want=2), 180, procs, root)
-        tracking = f"http://127.0.0.1:{mlflow_port}"
-        _wait("MLflow server", lambda: _http_ok(f"{tracking}/health"), 240, procs, root)
-        yield {"address": address, "nodes": nodes, "tracking": tracking, "env": env, "root": root}
-    finally:
-        _stop(procs)
-        strays = _processes_using(root)  # anything of ours that left its process group
-        for pid in strays:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
-        assert not [p.pid for p in procs if _group_alive(p.pid)], "Ray or MLflow processes left running"
+    with LocalCluster("es-cl-", {"EMBSIZE_FAULT_INJECT": "sleep=3"}, gpus=1) as cl:
+        address = cl.head()
+        nodes = cl.worker()
+        tracking = cl.mlflow()
+        yield {"address": address, "nodes": nodes, "tracking": tracking, "env": cl.env, "root": cl.root}
 
 
 def _embsize(cluster: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -12,13 +12,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import optuna
@@ -29,7 +25,8 @@ from pipelines import ModelConfig, SyntheticSpec, TrainConfig, generate, prepare
 from search.cli import main
 from search.trial import DIVERGENT_LR, Fault, _best_epoch, load_checkpoint, parse_faults, save_checkpoint
 
-BIN = Path(sys.executable).parent
+from .local_cluster import BIN, LocalCluster
+
 FINISHED_LINE = re.compile(r"finished\].*<- (\w+) (completed|stopped_early|failed)")
 
 
@@ -289,104 +286,39 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
 # --- a lost worker node (slow) ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node(root: Path, head_port: int, head: bool) -> list[str]:
-    ports = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
-             "metrics-export")
-    where = ["--head", f"--port={head_port}", "--include-dashboard=false"] if head else [
-        f"--address=127.0.0.1:{head_port}"]
-    return [str(BIN / "ray"), "start", *where, "--block", "--num-cpus=1", "--object-store-memory=100000000",
-            "--disable-usage-stats", f"--temp-dir={root / 'ray'}", *(f"--{p}-port={_free_port()}" for p in ports)]
-
-
-def _alive_nodes(address: str, env: dict) -> int:
-    code = f"import ray; ray.init(address={address!r}); print(sum(n['Alive'] for n in ray.nodes()))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
-
-
-def _until(what: str, ready, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} within {timeout:.0f} s")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _killpg(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 def test_worker_node_killed_trial_continues_from_its_checkpoint(tmp_path):
     """Two one-CPU nodes on this machine run two trials at once; the worker node is killed (its `ray start`, raylet
     and trial processes, by process group) once both trials checkpointed an epoch. The search completes and the lost
     trial is retried from its checkpoint: its epochs go on, none is trained twice."""
-    root = Path(tempfile.mkdtemp(prefix="es-wk-", dir="/tmp"))
-    env = _env(None, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
     # a node lost is noticed in ~3 s instead of Ray's default ~30 s
-    node_env = {**env, "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+    node_env = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                 "RAY_health_check_failure_threshold": "3", "EMBSIZE_FAULT_INJECT": "sleep=2"}
-    procs: dict[str, subprocess.Popen] = {}
-
-    def spawn(name: str, cmd: list[str], environ: dict) -> None:
-        procs[name] = subprocess.Popen(cmd, stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                                       env=environ, cwd=root, start_new_session=True)
-
-    try:
-        port, mlflow_port = _free_port(), _free_port()
-        address = f"127.0.0.1:{port}"
-        spawn("head", _node(root, port, head=True), node_env)
-        spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'm.db'}",
-                         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                         "--port", str(mlflow_port), "--workers", "1"], env)
-        _until("Ray head up", lambda: _alive_nodes(address, env) == 1, 120)
-        spawn("worker", _node(root, port, head=False), node_env)
-        _until("worker node up", lambda: _alive_nodes(address, env) == 2, 120)
-        tracking = f"http://127.0.0.1:{mlflow_port}"
-        _until("MLflow server up", lambda: _http_ok(f"{tracking}/health"), 120)
-
-        shared = root / "shared"
+    with LocalCluster("es-wk-", node_env, object_store=100_000_000) as cl:
+        address = cl.head()
+        cl.worker()
+        tracking = cl.mlflow()
+        shared = cl.root / "shared"
         search = subprocess.Popen(
             [str(BIN / "embsize"), "search", "--address", address, "--rows", "3000", "--trials", "2",
              "--max-epochs", "4", "--patience", "0", "--no-heuristics", "--scheduler", "fifo", "--max-concurrent", "2",
              "--max-failures", "2", "--name", "lost", "--tracking-uri", tracking, "--storage-path", str(shared),
              "--output-dir", str(tmp_path / "out")],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        experiment = shared / "lost"
-        _until("both trials checkpointed an epoch",
-               lambda: len(list(experiment.glob("*/checkpoint_000000"))) == 2 or search.poll() is not None, 300)
-        assert search.poll() is None, search.stdout.read()[-3000:]
-        _killpg(procs["worker"])  # the node and every process on it: raylet, the trial's worker
-        output, _ = search.communicate(timeout=600)
+            env=cl.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            experiment = shared / "lost"
+            cl.wait("both trials checkpointed an epoch",
+                    lambda: len(list(experiment.glob("*/checkpoint_000000"))) == 2 or search.poll() is not None, 300)
+            assert search.poll() is None, search.stdout.read()[-3000:]
+            cl.kill("worker")  # the node and every process on it: raylet, the trial's worker
+            output, _ = search.communicate(timeout=600)
+        finally:
+            if search.poll() is None:
+                search.kill()
+                search.wait()
         assert search.returncode == 0, output[-3000:]
         c, _, children = _runs(tracking, "lost")  # while the server is up
         steps = {r.info.run_id: [m.step for m in c.get_metric_history(r.info.run_id, "val_auc")] for r in children}
-    finally:
-        for p in procs.values():
-            _killpg(p, signal.SIGTERM)
-        time.sleep(2)
-        for p in procs.values():
-            _killpg(p)
-            p.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
 
     assert "retrying it from its last checkpoint" in output
     table = pd.read_csv(tmp_path / "out" / "lost" / "trials.csv")
