@@ -110,7 +110,7 @@ def trials_memory(data, concurrent: int, epochs: int) -> TrialMemory:
     space = build_space(data.features, SearchSpec(lr=LR))
     config = space.encode(dict.fromkeys(data.feature_names, 8))
     settings = TrialSettings(max_epochs=epochs, patience=0, batch_size=BATCH, lr=LR, cpus=1, sparse=True)
-    trainable = tune.with_parameters(run_trial, data=data, space=space, settings=settings)  # data: object store, once
+    trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=settings)  # once
     trainable = tune.with_resources(trainable, {"cpu": 1})
     storage = tempfile.mkdtemp(prefix="embsize-scale-")
     tuner = tune.Tuner(

@@ -1,6 +1,7 @@
 """From a raw table to the encoded, split dataset that the trainer and the search consume."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -36,6 +37,12 @@ class EncodedDataset:
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
+
+    def for_training(self) -> EncodedDataset:
+        """What a training run reads: the features, the train and validation splits. No vocabularies (a 1M-category
+        vocabulary is ~100 MB of Python strings that every Ray worker would unpickle into its own memory) and no
+        test split (never shipped to the trials)."""
+        return dataclasses.replace(self, encoder=None, test=self.test.take(np.zeros(0, dtype=np.int64)))
 
     def counts(self, name: str) -> np.ndarray:
         """Training frequency per index of feature ``name``."""

@@ -2,9 +2,10 @@
 
 Where the speed comes from (``benchmarks/throughput.py`` measures it against a standard DataLoader loop):
 every split is held as tensors and batched by slicing chunks gathered in a once-per-epoch permutation (no per-row
-``Dataset.__getitem__``, no collate, no copy of the dataset per trial); the step is ``model.Backprop``'s hand-derived forward/backward into reused
-buffers (no autograd graph, one fused lookup per embedding dim); the update is one fused Adam kernel call; the
-training loss is computed once per epoch from the logits each step left behind.
+``Dataset.__getitem__``, no collate, no copy of the dataset per trial); the step is ``model.Backprop``'s
+hand-derived forward/backward into reused buffers (no autograd graph, one fused lookup per embedding dim); the
+update is one fused Adam kernel call; the training loss is computed once per chunk of batches from the logits each
+step left behind.
 """
 from __future__ import annotations
 
@@ -152,37 +153,36 @@ class TrainBatches:
     def __len__(self) -> int:
         return len(self.label)
 
-    def epoch(self, perm: torch.Tensor, size: int) -> tuple[torch.Tensor, Iterator[tuple]]:
-        """The labels in ``perm`` order, and batches of ``size`` rows in that order, each (row ids per table, bags,
-        labels, the batch's slice of the epoch)."""
-        label = self.label.index_select(0, perm)
+    def epoch(self, perm: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, Iterator[tuple]]]:
+        """The epoch in ``perm`` order, chunk by chunk: per chunk its labels, and its batches of ``size`` rows, each
+        (row ids per table, bags, labels, the batch's slice of the chunk)."""
         chunk = max(1, self.chunk_rows // size) * size  # whole batches per chunk
+        widths = [len(cols) for cols, _ in self.tables]
+        for c in range(0, len(perm), chunk):
+            p = perm[c : c + chunk]
+            # flat, row-major (a batch is one slice), int64: index_add_ is ~4x slower with int32 row ids
+            idx = [torch.stack([col.index_select(0, p) for col in cols], 1).to(torch.int64).add_(base).view(-1)
+                   for cols, base in self.tables]
+            bags = []
+            for values, offsets in self.bags:
+                values, offsets = _permute_bag(values, offsets, p)
+                values = values.to(torch.int64)  # as above
+                lengths = offsets[1:] - offsets[:-1]
+                rows = torch.repeat_interleave(torch.arange(len(p), device=p.device), lengths)
+                weight = torch.repeat_interleave(1.0 / lengths.to(torch.float32), lengths)
+                bags.append((values, offsets, offsets.cpu().numpy(), rows, weight))  # host: slicing without a sync
+            label = self.label.index_select(0, p)
+            yield label, self._batches(idx, widths, bags, label, size)
 
-        def batches():
-            for c in range(0, len(perm), chunk):
-                p = perm[c : c + chunk]
-                # flat, row-major (a batch is one slice), int64: index_add_ is ~4x slower with int32 row ids
-                idx = [torch.stack([col.index_select(0, p) for col in cols], 1).to(torch.int64).add_(base).view(-1)
-                       for cols, base in self.tables]
-                widths = [len(cols) for cols, _ in self.tables]
-                bags = []
-                for values, offsets in self.bags:
-                    values, offsets = _permute_bag(values, offsets, p)
-                    values = values.to(torch.int64)  # as above
-                    lengths = offsets[1:] - offsets[:-1]
-                    rows = torch.repeat_interleave(torch.arange(len(p), device=p.device), lengths)
-                    weight = torch.repeat_interleave(1.0 / lengths.to(torch.float32), lengths)
-                    bags.append((values, offsets, offsets.cpu().numpy(), rows, weight))  # host: slicing without sync
-                for a in range(0, len(p), size):
-                    b = min(a + size, len(p))
-                    batch_bags = []
-                    for values, offsets, host, rows, weight in bags:
-                        s, e = int(host[a]), int(host[b])
-                        batch_bags.append((values[s:e], offsets[a:b] - s, rows[s:e] - a, weight[s:e]))
-                    yield ([t[a * w : b * w] for t, w in zip(idx, widths)], batch_bags, label[c + a : c + b],
-                           slice(c + a, c + b))
-
-        return label, batches()
+    @staticmethod
+    def _batches(idx, widths, bags, label, size):
+        for a in range(0, len(label), size):
+            b = min(a + size, len(label))
+            batch_bags = []
+            for values, offsets, host, rows, weight in bags:
+                s, e = int(host[a]), int(host[b])
+                batch_bags.append((values[s:e], offsets[a:b] - s, rows[s:e] - a, weight[s:e]))
+            yield [t[a * w : b * w] for t, w in zip(idx, widths)], batch_bags, label[a:b], slice(a, b)
 
 
 class Adam:
@@ -238,8 +238,9 @@ class Adam:
         size = self.lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)  # SparseAdam's bias correction and eps
         table.index_add_(0, rows, m_rows.div_(v_rows.sqrt_().add_(self.eps)).mul_(-size))
 
-    def state_dict(self) -> dict:
-        return copy.deepcopy({"moments": self.moments, "sparse": self.sparse_moments, "t": self.t})
+    def state_dict(self, copied: bool = True) -> dict:
+        state = {"moments": self.moments, "sparse": self.sparse_moments, "t": self.t}
+        return copy.deepcopy(state) if copied else state
 
     def load_state_dict(self, state: dict) -> None:
         for mine, theirs in zip(_flat([self.moments, self.sparse_moments]), _flat([state["moments"], state["sparse"]])):
@@ -275,6 +276,7 @@ def build_model(data_features, model_cfg: ModelConfig, sparse: bool = False) -> 
 
 
 @torch.inference_mode()
+@torch.no_grad()  # no autograd graph: it would keep every batch's activations alive until the end
 def predict(model: EmbeddingRecommender, tensors: SplitTensors, batch_size: int = 65536) -> np.ndarray:
     was_training = model.training
     model.eval()
@@ -306,13 +308,15 @@ def train(
     device: str | torch.device | None = None,
     resume: dict | None = None,
     train_on_val: bool = False,
+    keep_best: bool = True,
 ) -> TrainResult:
     """Train one config; after each epoch call ``on_epoch(result, snapshot)``, which may return False to stop.
 
     ``snapshot()`` returns a copy of the state to checkpoint (model, optimizer, epoch, history, best, random
     generators); pass it back as ``resume`` to continue exactly as an uninterrupted run would. With ``train_on_val``
     the validation rows join training (final production fit) and early stopping is off. The returned model holds the
-    best epoch's weights. A NaN or infinite loss raises ``FloatingPointError``.
+    best epoch's weights; with ``keep_best=False`` (a caller that needs only the metrics, like a search trial) the
+    last epoch's, and no copy of the model is kept. A NaN or infinite loss raises ``FloatingPointError``.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -324,7 +328,7 @@ def train(
     opt = Adam(bp, cfg.lr, cfg.weight_decay)
     train_split = _concat(data.train, data.val) if train_on_val else data.train
     tr = TrainBatches(train_split, model, dev)
-    logits = torch.empty(len(tr), 1, device=dev)
+    logits = torch.empty(min(len(tr), tr.chunk_rows + cfg.batch_size), 1, device=dev)  # one chunk's
     va = SplitTensors(data.val, model, dev)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochResult] = []
@@ -339,35 +343,42 @@ def train(
         gen.set_state(resume["generator"])
         dropout_gen.set_state(resume["dropout_generator"])
 
-    def snapshot() -> dict:
-        return copy.deepcopy({
+    def snapshot(copied: bool = True, best_model: bool = True) -> dict:
+        state = {
             "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
+            "optimizer": opt.state_dict(copied=False),  # copied below, once
             "history": [h.__dict__ for h in history],
             "best": list(best),
-            "best_model": best_state,
+            "best_model": best_state if best_model else None,
             "generator": gen.get_state(),
             "dropout_generator": dropout_gen.get_state(),
-        })
+        }
+        # copied=False: the live tensors, for a caller that serializes them before on_epoch returns (no copy of a
+        # model and its optimizer state, which at 1M-row tables is hundreds of MB)
+        return copy.deepcopy(state) if copied else state
 
     started, ended = time.perf_counter(), "max_epochs"
     model.train()
     for epoch in range(len(history) + 1, cfg.max_epochs + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        perm = torch.randperm(len(tr), generator=gen).to(dev)
-        labels, batches = tr.epoch(perm, cfg.batch_size)
-        for idx, bags, y, rows in batches:
-            bp.step(idx, bags, y, logits[rows])
-            opt.step()
-        # the epoch's loss from its logits as they were at each step: one op, and the epoch's one host sync
-        train_loss = float(nn.functional.binary_cross_entropy_with_logits(logits.view(-1), labels)) if len(tr) else 0.0
+        perm = torch.randperm(len(tr), generator=gen, dtype=torch.int32).to(dev)  # half the memory of int64
+        loss = torch.zeros((), device=dev)
+        for labels, batches in tr.epoch(perm, cfg.batch_size):
+            for idx, bags, y, rows in batches:
+                bp.step(idx, bags, y, logits[rows])
+                opt.step()
+            # the chunk's loss from its logits as they were at each step: one op per chunk, not ten per step
+            chunk_logits = logits[: len(labels)].view(-1)
+            loss += nn.functional.binary_cross_entropy_with_logits(chunk_logits, labels, reduction="sum")
+        train_loss = float(loss) / len(tr) if len(tr) else 0.0  # the epoch's one host sync
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; lower the learning rate")
         auc, logloss = evaluate(model, va)
         if auc > best[0]:
             best = (auc, logloss, epoch)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if keep_best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result = EpochResult(epoch, train_loss, auc, logloss, best[0], seconds, len(tr) / seconds, cpu_seconds)
         history.append(result)
         log.debug("epoch %d: loss %.4f val_auc %.4f", epoch, train_loss, auc)

@@ -173,7 +173,7 @@ def run_search(
             settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
             settings.cpus_per_trial, settings.sparse,
         )
-        trainable = tune.with_parameters(run_trial, data=data, space=space, settings=trial_settings)
+        trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
         resources = {"cpu": settings.cpus_per_trial}
         if settings.gpus_per_trial:
             resources["gpu"] = settings.gpus_per_trial

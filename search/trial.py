@@ -102,14 +102,14 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         _inject(faults, r.epoch, resumed=start, before_report=True)
         with tempfile.TemporaryDirectory(prefix="embsize-ckpt-") as tmp:
             t0 = time.perf_counter()
-            state = snapshot()
-            state["best_model"] = None  # the best epoch's weights: only train()'s returned model needs them
-            save_checkpoint(Path(tmp), state, metrics)
+            # written before training goes on, so the live state needs no copy; the best epoch's weights are left out
+            # (only train()'s returned model needs them)
+            save_checkpoint(Path(tmp), snapshot(copied=False, best_model=False), metrics)
             log.debug("epoch %d checkpoint: %.3f s", r.epoch, time.perf_counter() - t0)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         _inject(faults, r.epoch, resumed=start)
 
-    train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"])
+    train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"], keep_best=False)
 
 
 def save_checkpoint(directory: Path, snapshot: dict, metrics: dict) -> Path:

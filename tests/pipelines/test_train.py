@@ -163,7 +163,7 @@ def test_adam_steps_equal_torch_optim_adam_on_autograd_gradients(fused, weight_d
     opt = Adam(bp, 0.01, weight_decay, fused=fused)
     batches = TrainBatches(split, model, torch.device("cpu"), chunk_rows=32)  # 40 rows: a chunk boundary mid-epoch
     perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(0))
-    _, ours = batches.epoch(perm, 16)
+    ours = (batch for _, chunk in batches.epoch(perm, 16) for batch in chunk)
     theirs = tensors.permuted(perm).batches(16)
     for (idx, bags, y, _), (single, ref_bags, _) in zip(ours, theirs):
         bp.step(idx, bags, y)
@@ -185,7 +185,7 @@ def test_adam_sparse_rows_equal_torch_optim_sparse_adam():
     bp = Backprop(model, 16, sparse=True)
     opt = Adam(bp, 0.01)
     perm = torch.arange(len(tensors))
-    _, ours = TrainBatches(split, model, torch.device("cpu")).epoch(perm, 16)
+    ours = (batch for _, chunk in TrainBatches(split, model, torch.device("cpu")).epoch(perm, 16) for batch in chunk)
     for (idx, bags, y, _), (single, ref_bags, _) in zip(ours, tensors.batches(16)):
         bp.step(idx, bags, y)
         opt.step()
@@ -218,19 +218,23 @@ def test_train_batches_read_the_columns_in_place_and_chunks_change_nothing(chunk
     names = model.single_order + model.bag_order
     assert all(c.data_ptr() == split.columns[n].values.ctypes.data for c, n in zip(cols, names))  # no copy
     perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(1))
-    labels, ours = batches.epoch(perm, 16)
-    _, whole = TrainBatches(split, model, torch.device("cpu"), chunk_rows=len(perm)).epoch(perm, 16)
+    chunks = list(batches.epoch(perm, 16))
+    assert len(chunks) == -(-len(perm) // max(16, chunk_rows // 16 * 16))  # chunks of whole batches
+    ours = [(labels, batch) for labels, chunk in chunks for batch in chunk]
+    whole = [b for _, chunk in TrainBatches(split, model, torch.device("cpu"), chunk_rows=len(perm)).epoch(perm, 16)
+             for b in chunk]
     reference = tensors.permuted(perm)
-    assert torch.equal(labels, reference.label)
+    assert torch.equal(torch.cat([labels for labels, _ in chunks]), reference.label)
     rows = 0
-    for (idx, bags, y, where), (idx2, bags2, y2, _), (single, ref_bags, y3) in zip(ours, whole, reference.batches(16)):
-        assert torch.equal(y, y2) and torch.equal(y, y3) and where == slice(rows, rows + len(y))
-        assert all(torch.equal(a.long(), b.long()) for a, b in zip(idx, idx2))
+    for (labels, (idx, bags, y, where)), (idx2, bags2, y2, _), (single, ref_bags, y3) in zip(
+            ours, whole, reference.batches(16)):
+        assert torch.equal(y, y2) and torch.equal(y, y3) and torch.equal(labels[where], y)
+        assert all(torch.equal(a, b) for a, b in zip(idx, idx2))
         for (v, o, r, w), (v2, o2, r2, w2), (v3, o3) in zip(bags, bags2, ref_bags):
-            assert torch.equal(v.long(), v3.long()) and torch.equal(o.long(), o3.long())
+            assert torch.equal(v, v3) and torch.equal(o, o3)
             assert torch.equal(v, v2) and torch.equal(r, r2) and torch.equal(w, w2)
         first, _, base = model.group_layout()[0]
-        assert torch.equal(idx[0].view(len(y), -1).long(), single[:, first : first + idx[0].numel() // len(y)] + base)
+        assert torch.equal(idx[0].view(len(y), -1), single[:, first : first + idx[0].numel() // len(y)] + base)
         rows += len(y)
     assert rows == len(perm)
 
