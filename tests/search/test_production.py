@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -133,7 +134,9 @@ def test_mlflow_models_serve_answers_raw_rows_with_the_same_scores(searched, shi
     _, uri, raw, _, _ = searched
     final, _ = shipped
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # mlflow runs `uvicorn` from PATH: this interpreter's bin folder first, even when its venv is not activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/recsys/1", "--env-manager", "local",
