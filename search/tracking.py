@@ -150,7 +150,11 @@ class TrialRuns(Callback):
     def __getstate__(self) -> dict:  # Ray checkpoints callbacks; client, queue and thread are rebuilt on restore
         from .preflight import redact
 
-        _ = self.c  # resolve the ids before pickling
+        # Resolve the ids when the parent run is open already, but never wait for it: Ray pickles the callbacks when
+        # the Tuner is built, while the store may still be opening (seconds for a new SQLite store); a restored
+        # callback gets its ids from ``rewire`` anyway.
+        if self._opened is None or self._opened.done():
+            _ = self.c
         state = self.__dict__.copy()
         # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
         state.update(uri=redact(self.uri), _client=None, _opened=None, on_event=None, _queue=None, _thread=None)
