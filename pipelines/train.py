@@ -231,8 +231,8 @@ class Adam:
 
     def _rows(self, table, m, v, rows, grad) -> None:
         b1, b2 = self.betas
-        m_rows = m[rows].lerp_(grad, 1 - b1)
-        v_rows = v[rows].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m_rows = m.index_select(0, rows).lerp_(grad, 1 - b1)  # index_select: advanced indexing is slower on CPU
+        v_rows = v.index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
         m.index_copy_(0, rows, m_rows)
         v.index_copy_(0, rows, v_rows)
         size = self.lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)  # SparseAdam's bias correction and eps
