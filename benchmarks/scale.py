@@ -172,11 +172,12 @@ def main() -> None:
         for label, m in (("one trial", one), ("two concurrent trials", two)):
             print(f"  {label:22s} {m.workers} worker(s)   RSS sum {m.peak_rss / 1e6:>8,.0f} MB   "
                   f"PSS sum {m.peak_pss / 1e6:>8,.0f} MB   whole search (PSS) {m.peak_all / 1e6:>8,.0f} MB")
-        for label, a, b in (("trial workers' RSS", one.peak_rss, two.peak_rss),
-                            ("trial workers' PSS", one.peak_pss, two.peak_pss),
-                            ("whole search's PSS", one.peak_all, two.peak_all)):
-            verdict = "meets" if b / a <= 1.3 else "misses"
-            print(f"  ratio two / one by {label}: {b / a:.2f} ({verdict} the <= 1.3 target)")
+        print(f"  ratio two / one by trial workers' RSS: {two.peak_rss / one.peak_rss:.2f} (each worker's RSS counts "
+              "the shared dataset pages again)")
+        print(f"  ratio two / one by trial workers' PSS: {two.peak_pss / one.peak_pss:.2f}")
+        ratio = two.peak_all / one.peak_all
+        print(f"  ratio two / one by whole search's PSS: {ratio:.2f} (the machine's memory, shared pages counted once: "
+              f"{'meets' if ratio <= 1.3 else 'misses'} the <= 1.3 target)")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def build_model(data_features, model_cfg: ModelConfig, sparse: bool = False) -> 
 
 @torch.inference_mode()
 @torch.no_grad()  # no autograd graph: it would keep every batch's activations alive until the end
-def predict(model: EmbeddingRecommender, tensors: SplitTensors, batch_size: int = 65536) -> np.ndarray:
+def predict(model: EmbeddingRecommender, tensors: SplitTensors, batch_size: int = 16384) -> np.ndarray:
     was_training = model.training
     model.eval()
     out = [torch.sigmoid(model(s, b)) for s, b, _ in tensors.batches(batch_size)]
