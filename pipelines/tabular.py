@@ -136,8 +136,13 @@ def _read_csv(path: Path, needed: list[str], delim: str, text: list[str]) -> pd.
 def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
-    _check_present(path, needed, pq.read_schema(path).names, None)
-    return pd.read_parquet(path, columns=needed)
+    import pyarrow
+
+    try:
+        _check_present(path, needed, pq.read_schema(path).names, None)
+        return pd.read_parquet(path, columns=needed)
+    except pyarrow.ArrowException as e:  # a corrupt or truncated file: pyarrow's message does not name it
+        raise ValueError(f"'{path}' is not a readable Parquet file ({e}); check the file or convert it again") from None
 
 
 def _check_present(path: Path, needed: list[str], columns: list[str], delim: str | None) -> None:

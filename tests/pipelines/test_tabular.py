@@ -126,6 +126,14 @@ def test_load_table_missing_column_lists_available(table, tmp_path):
         _load(tmp_path / "t.csv", features=["user", "movie"], multi=())
 
 
+def test_load_table_corrupt_parquet_names_the_file(table, tmp_path):
+    table.to_parquet(tmp_path / "t.parquet")
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2] + b"PAR1")  # truncated, magic bytes kept
+    with pytest.raises(ValueError, match=r"'.*t\.parquet' is not a readable Parquet file \(.*\); check the file"):
+        _load(tmp_path / "t.parquet")
+
+
 def test_load_table_missing_column_in_parquet(table, tmp_path):
     table.to_parquet(tmp_path / "t.parquet")
     with pytest.raises(ValueError, match=r"column 'clicked' is not in 't\.parquet'; available columns: user"):
