@@ -49,6 +49,18 @@ def test_prepare_fingerprint_tracks_content():
     assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
+def test_for_training_ships_train_and_val_as_they_are_and_nothing_else():
+    import pickle
+
+    ds = prepare(_raw())
+    slim = ds.for_training()
+    assert slim.encoder is None and len(slim.test) == 0
+    assert set(slim.test.columns) == set(ds.test.columns)
+    assert slim.train is ds.train and slim.val is ds.val  # the same arrays, not copies
+    assert (slim.features, slim.fingerprint) == (ds.features, ds.fingerprint)
+    assert len(pickle.dumps(slim)) < len(pickle.dumps(ds))
+
+
 def test_prepare_refuses_empty_dataset():
     raw = _raw()
     empty = RawDataset("t", raw.frame.iloc[:0], raw.features, raw.label[:0])
