@@ -134,9 +134,8 @@ def _read_csv(path: Path, needed: list[str], delim: str, text: list[str]) -> pd.
 
 
 def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
     import pyarrow
+    import pyarrow.parquet as pq
 
     try:
         _check_present(path, needed, pq.read_schema(path).names, None)

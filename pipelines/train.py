@@ -81,11 +81,9 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` as a tensor on ``device``; on the CPU a zero-copy view. A search's arrays are read-only pages of Ray's
     object store, shared by every trial on the node: nothing here writes to them, and copying them per trial would
     multiply the dataset's memory by the trials running at once."""
-    if not array.flags.writeable:
-        with warnings.catch_warnings():  # torch warns that writing would be undefined; nothing writes
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(array).to(device)
-    return torch.from_numpy(array).to(device)
+    with warnings.catch_warnings():  # on a read-only array torch warns that writing would be undefined; nothing writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(device)
 
 
 class SplitTensors:
@@ -276,7 +274,6 @@ def build_model(data_features, model_cfg: ModelConfig, sparse: bool = False) -> 
 
 
 @torch.inference_mode()
-@torch.no_grad()  # no autograd graph: it would keep every batch's activations alive until the end
 def predict(model: EmbeddingRecommender, tensors: SplitTensors, batch_size: int = 16384) -> np.ndarray:
     was_training = model.training
     model.eval()
