@@ -65,6 +65,15 @@ class LocalCluster:
         self.gpus, self.object_store = gpus, object_store
         self.procs: dict[str, subprocess.Popen] = {}
         self.address = self.tracking = ""
+        self._ports: set[int] = set()
+
+    def _port(self) -> int:
+        """A free port not handed out before: the OS may return a port again once its probe socket closed, and Ray
+        refuses to start when two of its components share one."""
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -81,11 +90,11 @@ class LocalCluster:
     def _node(self, name: str, where: list[str]) -> None:
         args = ["--block", "--num-cpus=1", f"--num-gpus={self.gpus}", f"--object-store-memory={self.object_store}",
                 "--disable-usage-stats", f"--temp-dir={self.root / 'ray'}",
-                *(f"--{p}-port={free_port()}" for p in NODE_PORTS)]
+                *(f"--{p}-port={self._port()}" for p in NODE_PORTS)]
         self._spawn(name, [str(BIN / "ray"), "start", *where, *args], self.node_env)
 
     def head(self) -> str:
-        port = free_port()
+        port = self._port()
         self.address = f"127.0.0.1:{port}"
         self._node("head", ["--head", f"--port={port}", "--include-dashboard=false"])
         self.wait("Ray head", lambda: self.alive_nodes(1))
@@ -98,7 +107,7 @@ class LocalCluster:
         return self.wait(f"Ray node {name}", lambda: self.alive_nodes(want))
 
     def mlflow(self) -> str:
-        port = free_port()
+        port = self._port()
         self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'm.db'}",
                                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"], self.env)
