@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import pytest
 from pipelines.download import ARCHIVES, DownloadError, default_cache_dir, fetch_movielens
 from pipelines.movielens import load_movielens
 
+from ..ports import free_port
 from .test_movielens import write_100k, zip_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,9 +156,7 @@ def test_fetch_movielens_concurrent_processes_download_once(archive_bytes, tmp_p
 
 
 def test_fetch_movielens_unreachable_url_is_a_clear_error(tmp_path):
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     url = f"http://127.0.0.1:{port}/ml-100k.zip"
     with pytest.raises(DownloadError, match=rf"could not download {url}: .*check the network"):
         fetch_movielens("100k", tmp_path, url=url, timeout=5)

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,16 +19,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ..ports import free_port
+
 BIN = Path(sys.executable).parent
 NODE_PORTS = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
               "metrics-export")
 UP_TIMEOUT_S = 240  # a node joining a loaded 2-core machine has taken 90+ s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_ok(url: str) -> bool:

@@ -4,7 +4,6 @@ plus a few in real processes."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,7 @@ import pytest
 
 from search.cli import main
 
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +119,7 @@ def _argv(args: list[str], files: dict[str, str], missing_dir: Path) -> list[str
             a = a.replace("{" + name + "}", str(missing_dir / name))
         for name, path in files.items():
             a = a.replace("{" + name + "}", path)
-        out.append(a.replace("{closed}", str(_closed_port())))
+        out.append(a.replace("{closed}", str(free_port())))
     return out
 
 

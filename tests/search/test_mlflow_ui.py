@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ..ports import free_port
 from .small_search import small_search
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,7 @@ def searched(ray_session, tmp_path_factory):
 def server(searched, tmp_path_factory):
     """`mlflow server` on a free localhost port, serving the search's SQLite store and its artifacts."""
     _, uri, _, work = searched
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("mlflow-server") / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,

@@ -10,12 +10,7 @@ import pytest
 
 from search.preflight import check, check_ray_address, check_tracking, redact, writable_folder
 
-
-def _closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..ports import free_port
 
 
 @pytest.fixture
@@ -71,7 +66,7 @@ def test_check_tracking_refuses_a_server_that_is_not_mlflow(http_server):
 
 
 def test_check_tracking_refused_connection_names_uri_and_fix():
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ValueError) as e:
         check_tracking(uri, timeout=2)
     message = str(e.value)
@@ -88,7 +83,7 @@ def test_check_tracking_silent_server_fails_within_the_timeout(silent_server):
 
 def test_check_tracking_message_hides_credentials():
     with pytest.raises(ValueError) as e:
-        check_tracking(f"http://alice:s3cret@127.0.0.1:{_closed_port()}", timeout=2)
+        check_tracking(f"http://alice:s3cret@127.0.0.1:{free_port()}", timeout=2)
     assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
 
 
@@ -114,7 +109,7 @@ def test_check_tracking_refuses_an_unwritable_store():
 
 def test_check_tracking_database_store_is_connected_to():
     with pytest.raises(ValueError, match=r"tracking database 'postgresql://127\.0\.0\.1:\d+/db' does not answer"):
-        check_tracking(f"postgresql://u:pw@127.0.0.1:{_closed_port()}/db", timeout=2)
+        check_tracking(f"postgresql://u:pw@127.0.0.1:{free_port()}/db", timeout=2)
 
 
 def test_check_ray_address_accepts_a_listening_port(silent_server):
@@ -128,7 +123,7 @@ def test_check_ray_address_local_needs_nothing(address):
 
 
 def test_check_ray_address_refused_names_address_and_fix():
-    address = f"127.0.0.1:{_closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     with pytest.raises(ValueError) as e:
         check_ray_address(address, timeout=2)
     assert f"Ray cluster at '{address}' does not answer" in str(e.value)
@@ -143,7 +138,7 @@ def test_check_ray_address_malformed(address):
 
 def test_check_ray_address_auto_follows_ray_address_env(monkeypatch):
     """``auto`` uses Ray's own lookup, where $RAY_ADDRESS comes first; a stale address fails naming it."""
-    port = _closed_port()
+    port = free_port()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(ValueError, match=rf"Ray cluster at '[0-9.]+:{port}' \(found by --address auto\)"):
         check_ray_address("auto", timeout=5)
@@ -151,7 +146,7 @@ def test_check_ray_address_auto_follows_ray_address_env(monkeypatch):
 
 def test_check_runs_both_checks(tmp_path):
     with pytest.raises(ValueError, match="Ray cluster"):
-        check(f"sqlite:///{tmp_path / 'm.db'}", f"127.0.0.1:{_closed_port()}", timeout=2)
+        check(f"sqlite:///{tmp_path / 'm.db'}", f"127.0.0.1:{free_port()}", timeout=2)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from search.cli import main
 from search.production import check_data, final_epochs, fit_final, log_final
 from search.runner import SearchSettings, run_search
 from search.space import SearchSpec, build_space
+
+from ..ports import free_port
 
 ROWS = 3000  # `--data synthetic --rows 3000`: the CLI rebuilds exactly the searched data
 
@@ -114,12 +115,6 @@ def test_cli_train_config_registers_and_exports(searched, tmp_path, capsys):
     assert np.array_equal(served, score(model, encoder, rows))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: bytes) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -133,7 +128,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 def test_mlflow_models_serve_answers_raw_rows_with_the_same_scores(searched, shipped, tmp_path):
     _, uri, raw, _, _ = searched
     final, _ = shipped
-    port = _free_port()
+    port = free_port()
     # mlflow runs `uvicorn` from PATH: this interpreter's bin folder first, even when its venv is not activated
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}

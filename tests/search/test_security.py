@@ -4,7 +4,6 @@ from __future__ import annotations
 import ast
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
+
+from ..ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = {"MLFLOW_TRACKING_TOKEN": "tok-9f3e1c", "MLFLOW_TRACKING_PASSWORD": "pw-77a2d0"}
@@ -37,16 +38,10 @@ def test_yaml_is_only_safe_loaded_and_torch_loads_weights_only(package):
                 f"{path}:{call.lineno} torch.load without weights_only=True"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'm.db'}",
