@@ -120,14 +120,19 @@ def run_search(
     import optuna
     import ray
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     from . import preflight, resume, tracking
     from .cluster import check_cluster, is_uri
-    from .schedulers import make_scheduler
+    from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
 
     started = time.perf_counter()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 below: Ray prints nothing, the CLI reports
+    # Tune's default result loggers write CSV, JSON and TensorBoard files for every epoch; the CSV and TensorBoard ones
+    # duplicate what MLflow records and cost driver CPU that the trials share. Only the JSON one is kept (below):
+    # Tune's ResultGrid reads it. (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 has all three again.)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     resume.check_name(settings.name)
     out = settings.out
     uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
@@ -169,9 +174,11 @@ def run_search(
             heuristics = dict(baselines)
         else:
             heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
+        scheduler = make_scheduler(
+            settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
         trial_settings = TrialSettings(
             settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
-            settings.cpus_per_trial, settings.sparse,
+            settings.cpus_per_trial, settings.sparse, decision_epochs(scheduler, settings.max_epochs),
         )
         trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
         resources = {"cpu": settings.cpus_per_trial}
@@ -188,8 +195,6 @@ def run_search(
                 optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
             searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
             searcher.fail_untracked()  # a study an interrupted start left behind: its running trials are orphans
-            scheduler = make_scheduler(
-                settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
             runs = tracking.TrialRuns(uri, opened, on_event)
             tuner = tune.Tuner(
                 trainable,
@@ -203,7 +208,7 @@ def run_search(
                 run_config=tune.RunConfig(
                     name=settings.name,
                     storage_path=settings.storage,
-                    callbacks=[runs],
+                    callbacks=[runs, JsonLoggerCallback()],
                     verbose=0,
                     failure_config=failures,
                     # Every epoch checkpoint is kept while the search runs: Ray saves its experiment state (which

@@ -5,6 +5,8 @@ alone; fifo never stops a trial.
 """
 from __future__ import annotations
 
+import math
+
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from .pareto_asha import ParetoASHA
@@ -41,3 +43,20 @@ def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_
             reduction_factor=reduction_factor,
         )
     raise ValueError(f"scheduler is {kind!r}, but must be one of {', '.join(SCHEDULERS)}")
+
+
+def decision_epochs(scheduler: TrialScheduler, max_epochs: int) -> frozenset[int] | None:
+    """The epochs at which ``scheduler`` may stop a trial (``TrialSettings.decisions``), or None if at any epoch.
+
+    FIFO stops none. Both ASHAs decide once per trial and rung, at its first epoch at or past the rung's milestone, and
+    stop a trial at max_t; between rungs they always continue. Read from the scheduler's own rungs (for Ray's ASHA its
+    ``_Bracket._rungs``, which Ray does not expose), so the epochs cannot drift from the decisions."""
+    if type(scheduler) is FIFOScheduler:
+        return frozenset()
+    if isinstance(scheduler, ParetoASHA):
+        milestones = [m for b in scheduler._brackets for m, _ in b.rungs]
+    elif isinstance(scheduler, ASHAScheduler):
+        milestones = [m for b in scheduler._brackets for m, _ in b._rungs]
+    else:
+        return None
+    return frozenset(math.ceil(m) for m in milestones) | {max_epochs}

@@ -120,9 +120,12 @@ class TrialRuns(Callback):
     """Opens a nested MLflow run per trial, streams its per-epoch metrics, and closes it with how it ended.
 
     Trials report synchronously: a slow callback holds up every trial's next epoch. So the Ray callbacks only put
-    work on a queue, and one writer thread talks to the store, in order. ``flush()`` waits until all is written.
+    work on a queue, and one writer thread talks to the store, in order, writing the results that arrive within
+    ``GATHER_S`` together. ``flush()`` waits until all is written.
     ``on_event`` receives (kind, trial, result) for live progress in the CLI.
     """
+
+    GATHER_S = 2.0
 
     def __init__(self, uri: str, opened, on_event: Callable | None = None):
         """``opened``: a future of (client, experiment id, parent run id), so the store can finish opening while
@@ -133,18 +136,23 @@ class TrialRuns(Callback):
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.unfinished: set[str] = set()  # trials started (or restored) and not yet completed or failed
         self.logged: dict[str, int] = {}  # trial id -> last epoch logged before this process (resumed runs)
+        self.restored = False  # set by ``rewire``: the trials may have runs from before
         self._client = None
         self._queue: queue.Queue | None = None
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors: list[str] = []
 
     @property
     def c(self):
         if self._client is None:
+            # the ids before the client: the writer thread and Ray's pickling (``__getstate__``) both come here, and
+            # whoever sees a client must see the ids too
             if self._opened is not None:
-                self._client, self.experiment_id, self.parent_run_id = self._opened.result()
+                c, self.experiment_id, self.parent_run_id = self._opened.result()
             else:
-                self._client = client(self.uri)
+                c = client(self.uri)
+            self._client = c
         return self._client
 
     def __getstate__(self) -> dict:  # Ray checkpoints callbacks; client, queue and thread are rebuilt on restore
@@ -157,7 +165,8 @@ class TrialRuns(Callback):
             _ = self.c
         state = self.__dict__.copy()
         # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
-        state.update(uri=redact(self.uri), _client=None, _opened=None, on_event=None, _queue=None, _thread=None)
+        state.update(uri=redact(self.uri), _client=None, _opened=None, on_event=None, _queue=None, _thread=None,
+                     _wake=None)
         return state
 
     def rewire(self, uri: str, opened, on_event: Callable | None = None) -> None:
@@ -165,33 +174,62 @@ class TrialRuns(Callback):
         self.uri, self._opened, self.on_event = uri, opened, on_event
         self._client = self._queue = self._thread = None
         self.errors, self.unfinished, self.logged = [], set(), {}
+        self.restored = True
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._queue = queue.Queue()
+            self._queue, self._wake = queue.Queue(), threading.Event()
             self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
             self._thread.start()
         self._queue.put((fn, args))
 
     def _work(self) -> None:
         while True:
-            fn, args = self._queue.get()
-            try:
+            items = [self._queue.get()]
+            if items[0][0] == self._log_result:
+                # Gather a moment's results and write them as one batch per run: an SQLite log_batch costs ~15 ms of
+                # driver CPU whatever its size, and that CPU is taken from the trials (the driver shares their cores).
+                self._wake.wait(self.GATHER_S)
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            results: list[tuple] = []
+            done = False
+            for fn, args in items:
+                if fn == self._log_result:
+                    results.append(args)
+                    continue
+                self._call(self._log_results, results)  # in order: a run's results before its close
+                results = []
                 if fn is None:
-                    return
-                fn(*args)
-            except Exception as e:  # a tracking hiccup must not take the search down; it is reported at the end
-                log.warning("MLflow write failed: %s", e)
-                self.errors.append(str(e))
-            finally:
+                    done = True
+                    break
+                self._call(fn, *args)
+            self._call(self._log_results, results)
+            for _ in items:
                 self._queue.task_done()
+            if done:
+                return
+
+    def _call(self, fn: Callable, *args) -> None:
+        try:
+            if fn != self._log_results or args[0]:
+                fn(*args)
+        except Exception as e:  # a tracking hiccup must not take the search down; it is reported at the end
+            log.warning("MLflow write failed: %s", e)
+            self.errors.append(str(e))
 
     def flush(self) -> None:
         if self._queue is not None and self._thread is not None and self._thread.is_alive():
+            self._wake.set()
             self._queue.join()
+            self._wake.clear()
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():
+            self._wake.set()
             self._queue.put((None, ()))
             self._thread.join()
         self._thread = None
@@ -199,7 +237,9 @@ class TrialRuns(Callback):
     def _run_for(self, trial_id: str, config: dict) -> str:
         if trial_id in self.runs:
             return self.runs[trial_id]
-        existing = self.c.search_runs(
+        c = self.c  # first: opening the store sets the parent run id the tags below need
+        # only a restored search can have a run for the trial already (one store query per trial saved otherwise)
+        existing = self.restored and c.search_runs(
             [self.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial_id = '{trial_id}'",
             max_results=1,
@@ -230,21 +270,31 @@ class TrialRuns(Callback):
         self._emit("result", trial, result)
 
     def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
+        self._log_results([(trial_id, config, result)])
+
+    def _log_results(self, results: list[tuple[str, dict, dict]]) -> None:
+        """Per-epoch metrics (and where the trial runs, as tags) of several results, one log_batch per run."""
         from mlflow.entities import Metric, RunTag
 
-        run_id = self._run_for(trial_id, config)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step <= self.logged.get(trial_id, 0):
-            return
+        batches: dict[str, tuple[list, dict]] = {}
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(result[k]), now, step)
-            for k in ("val_auc", "val_logloss", "train_loss", "best_val_auc", "model_bytes", "epoch_seconds")
-            if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
-        ]
-        # where the trial runs (a retried trial may move): node IP, Ray node id (unique per node), GPUs, cpu | cuda
-        tags = [RunTag(k, str(result[k])) for k in ("node", "node_id", "gpu_ids", "device") if k in result]
-        self.c.log_batch(run_id, metrics=metrics, tags=tags)
+        for trial_id, config, result in results:
+            run_id = self._run_for(trial_id, config)
+            step = int(result.get("epoch", result.get("training_iteration", 0)))
+            if step <= self.logged.get(trial_id, 0):
+                continue
+            metrics, tags = batches.setdefault(run_id, ([], {}))
+            metrics += [
+                Metric(k, float(result[k]), now, step)
+                for k in ("val_auc", "val_logloss", "train_loss", "best_val_auc", "model_bytes", "epoch_seconds")
+                if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
+            ]
+            # where the trial runs (a retried trial may move): node IP, Ray node id (unique per node), GPUs, cpu|cuda
+            tags.update({k: str(result[k]) for k in ("node", "node_id", "gpu_ids", "device") if k in result})
+        for run_id, (metrics, tags) in batches.items():
+            for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
+                self.c.log_batch(run_id, metrics=metrics[i : i + 1000],
+                                 tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)

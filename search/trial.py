@@ -8,6 +8,12 @@ generators; ``torch.save``), kept by Ray until the search has finished (runner.p
 after a lost worker, or that a resumed search continues, loads its latest (``torch.load(weights_only=True)``: tensors
 and plain containers only, never pickled code) and goes on from the next epoch, exactly as it would have run.
 
+Reporting: ``tune.report`` returns only when the driver has handled the result and asked for the next (Tune's
+function trainables report synchronously so a scheduler can stop a trial between two epochs), a round trip of 5-15 ms
+per epoch on a busy 2-core driver. Schedulers decide only at their rungs (``TrialSettings.decisions``), so at other
+epochs the trial hands the result to a reporting thread (``_Reporter``) and trains on; at a rung, at its last epoch
+and on an error it waits for the answer. Results still reach Tune one by one and in order.
+
 Fault injection is a testing hook, not a user option: ``EMBSIZE_FAULT_INJECT`` (read only here, in the trial's
 process; see ``parse_faults``) makes chosen trials raise, diverge to NaN, lose their worker process, or run slowly, so
 the fault tests exercise the real failure paths of Ray, Optuna and MLflow.
@@ -17,7 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +52,9 @@ class TrialSettings:
     seed: int = 0  # the same init/shuffle seed for every trial, so trials differ by config only
     cpus: float = 1  # torch threads follow the trial's CPU share
     sparse: bool = False  # sparse embedding gradients (large tables)
+    # epochs at which the scheduler may stop a trial (its rungs), where a trial waits for its report to be handled;
+    # None: it may stop one at any epoch (every report waits)
+    decisions: frozenset[int] | None = None
 
 
 def train_config(settings: TrialSettings, overrides: dict) -> TrainConfig:
@@ -80,6 +91,9 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         tune.report({**last, **where})
         return
 
+    # with faults injected every report waits, so a fault lands after exactly the reports it names
+    reporter = _Reporter(settings.decisions if not faults else None)
+
     def on_epoch(r, snapshot) -> None:
         nonlocal best_epoch
         if r.val_auc >= r.best_val_auc:
@@ -100,16 +114,105 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
             **where,
         }
         _inject(faults, r.epoch, resumed=start, before_report=True)
-        with tempfile.TemporaryDirectory(prefix="embsize-ckpt-") as tmp:
-            t0 = time.perf_counter()
-            # written before training goes on, so the live state needs no copy; the best epoch's weights are left out
-            # (only train()'s returned model needs them)
-            save_checkpoint(Path(tmp), snapshot(copied=False, best_model=False), metrics)
-            log.debug("epoch %d checkpoint: %.3f s", r.epoch, time.perf_counter() - t0)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        tmp = Path(tempfile.mkdtemp(prefix="embsize-ckpt-"))
+        t0 = time.perf_counter()
+        # written before training goes on, so the live state needs no copy; the best epoch's weights are left out
+        # (only train()'s returned model needs them)
+        save_checkpoint(tmp, snapshot(copied=False, best_model=False), metrics)
+        log.debug("epoch %d checkpoint: %.3f s", r.epoch, time.perf_counter() - t0)
+        reporter.report(metrics, tmp, final)
         _inject(faults, r.epoch, resumed=start)
 
-    train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"], keep_best=False)
+    try:
+        train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"], keep_best=False)
+    finally:
+        reporter.close()
+
+
+class _Reporter:
+    """``tune.report`` on a thread of its own, so training goes on while the driver handles an epoch's result.
+
+    At most one result waits behind the one being reported. ``report`` returns at once unless the epoch is one where
+    the scheduler may stop the trial (or the last), where it waits until Tune has handled it. When Tune stops the
+    trial, ``tune.report`` ends the reporting thread (``SystemExit``, as it would the training thread), the results
+    behind it are dropped, and the training thread leaves with ``SystemExit(0)`` (a clean end for Tune) at its next
+    report. An error in reporting is raised in the training thread the same way.
+    """
+
+    def __init__(self, decisions: frozenset[int] | None):
+        self.decisions = decisions
+        self._lock = threading.Condition()
+        self._item: tuple[dict, Path] | None = None  # the result waiting to be reported
+        self._busy = False  # a result is being reported
+        self._stopped = False  # Tune stopped the trial
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def report(self, metrics: dict, checkpoint_dir: Path, final: bool) -> None:
+        wait = final or self.decisions is None or int(metrics["epoch"]) in self.decisions
+        with self._lock:
+            self._lock.wait_for(lambda: self._item is None or self._ended)
+            self._raise_if_ended(checkpoint_dir)
+            self._item = (metrics, checkpoint_dir)
+            self._lock.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="embsize-report", daemon=True)
+                self._thread.start()
+            if wait:
+                self._lock.wait_for(lambda: (self._item is None and not self._busy) or self._ended)
+                self._raise_if_ended()
+
+    def close(self) -> None:
+        """Wait for the results handed over to be reported (or dropped, if Tune stopped the trial), end the thread."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self._item is not None:  # dropped: Tune stopped the trial first
+            shutil.rmtree(self._item[1], ignore_errors=True)
+            self._item = None
+
+    @property
+    def _ended(self) -> bool:
+        return self._stopped or self._error is not None
+
+    def _raise_if_ended(self, checkpoint_dir: Path | None = None) -> None:
+        if not self._ended:
+            return
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if self._error is not None:
+            raise self._error
+        raise SystemExit(0)
+
+    def _run(self) -> None:
+        from ray import tune
+
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._item is not None or self._closing)
+                if self._item is None:
+                    return
+                (metrics, checkpoint_dir), self._item = self._item, None
+                self._busy = True
+                self._lock.notify_all()
+            try:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+            except SystemExit:
+                with self._lock:
+                    self._stopped = True
+                return
+            except BaseException as e:  # noqa: BLE001 - anything: relayed to the training thread, which raises it
+                with self._lock:
+                    self._error = e
+                return
+            finally:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                with self._lock:
+                    self._busy = False
+                    self._lock.notify_all()
 
 
 def save_checkpoint(directory: Path, snapshot: dict, metrics: dict) -> Path:

@@ -11,7 +11,7 @@ from ray.tune.schedulers.async_hyperband import _Bracket as RayBracket
 
 from search.pareto import non_dominated
 from search.pareto_asha import ParetoASHA, keeps
-from search.schedulers import SCHEDULERS, make_scheduler
+from search.schedulers import SCHEDULERS, decision_epochs, make_scheduler
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -194,6 +194,35 @@ def test_make_scheduler_pareto_asha_is_the_default():
     assert [m for m, _ in s._brackets[0].rungs] == [6, 2]
     with pytest.raises(ValueError, match="pareto-asha"):
         make_scheduler("hyperband", max_epochs=12)
+
+
+@pytest.mark.parametrize("kind", ["asha", "pareto-asha"])
+@pytest.mark.parametrize("max_epochs,grace,eta", [(12, 2, 3), (20, 1, 3), (10, 1, 2), (9, 3, 4)])
+def test_decision_epochs_are_every_epoch_where_the_scheduler_stops_a_trial(kind, max_epochs, grace, eta):
+    """Trials wait for Tune's answer only at these epochs (search.trial._Reporter): a STOP anywhere else would come an
+    epoch late. Drive the real scheduler with many trials of random AUC and size: all its STOPs fall on them."""
+    import numpy as np
+
+    sched = make_scheduler(kind, max_epochs, grace, eta)
+    epochs = decision_epochs(sched, max_epochs)
+    rng = np.random.default_rng(0)
+    stops = set()
+    for i in range(60):
+        (tr,) = added(sched, f"t{i}")
+        size = int(rng.integers(10**3, 10**6))
+        for t in range(1, max_epochs + 1):
+            if sched.on_trial_result(None, tr, result(t, float(rng.uniform(0.5, 0.8)), size)) == STOP:
+                stops.add(t)
+                break
+    assert stops and stops <= epochs, (sorted(stops), sorted(epochs))
+    assert max_epochs in epochs and grace in epochs
+
+
+def test_decision_epochs_fifo_none_and_unknown_every_epoch():
+    from ray.tune.schedulers import MedianStoppingRule
+
+    assert decision_epochs(make_scheduler("fifo", 10), 10) == frozenset()
+    assert decision_epochs(MedianStoppingRule(metric="m", mode="max"), 10) is None
 
 
 # --- keeps() against Ray's ASHA on one objective -------------------------------------------------------------------
