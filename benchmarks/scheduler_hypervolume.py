@@ -16,7 +16,7 @@ Printed per dataset: final front hypervolume and total epochs (mean and per seed
 hypervolume reached as a function of epochs spent (the front of the trials completed so far), also plotted to
 ``benchmarks/out/scheduler_hypervolume.png`` (tables: ``.txt``, raw runs: ``.json`` beside it).
 
-    python benchmarks/scheduler_hypervolume.py [--quick] [--trials 48] [--max-epochs 12] [--grace-period 1] [--eta 3]
+    python benchmarks/scheduler_hypervolume.py [--quick] [--trials 48] [--max-epochs 12] [--grace-period 2] [--eta 3]
         [--seeds 3] [--datasets movielens,synthetic] [--data ../shared/data/movielens-100k]
 """
 from __future__ import annotations
@@ -242,8 +242,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ML100K, help="MovieLens 100K folder or zip")
     p.add_argument("--trials", type=int, default=48, help="sampled trials per search (the same for every scheduler)")
     p.add_argument("--max-epochs", type=int, default=12)
-    p.add_argument("--grace-period", type=int, default=1)
-    p.add_argument("--eta", type=float, default=3)
+    p.add_argument("--grace-period", type=int, default=SearchSettings.grace_period, help="default: embsize search's")
+    p.add_argument("--eta", type=float, default=SearchSettings.reduction_factor)
     p.add_argument("--patience", type=int, default=3, help="the trials' own early stopping, under every scheduler")
     p.add_argument("--max-dim", type=int, default=64)
     p.add_argument("--seeds", type=int, default=3)
