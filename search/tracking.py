@@ -187,8 +187,9 @@ class TrialRuns(Callback):
         while True:
             items = [self._queue.get()]
             if items[0][0] == self._log_result:
-                # Gather a moment's results and write them as one batch per run: an SQLite log_batch costs ~15 ms of
-                # driver CPU whatever its size, and that CPU is taken from the trials (the driver shares their cores).
+                # Gather a moment's results and write them as one batch per run: each SQLite log_batch is a
+                # transaction of ~15 ms of driver CPU (measured: one per epoch took 2.5 s of 160 epochs' 17 s), and
+                # that CPU is taken from the trials (the driver shares their cores).
                 self._wake.wait(self.GATHER_S)
             while True:
                 try:
