@@ -412,6 +412,9 @@ def _log_parent(c, parent_id: str, result: SearchResult) -> None:
     s = json.loads((result.out / "summary.json").read_text())
     metrics = {
         "hypervolume": result.hypervolume,
+        # the fixed reference point the hypervolume is measured from, so two searches' values can be compared
+        "hypervolume_reference_auc": result.reference[0],
+        "hypervolume_reference_bytes": result.reference[1],
         "front_size": len(result.front),
         "recommended_val_auc": result.recommended["best_val_auc"],
         "recommended_model_bytes": result.recommended["model_bytes"],

@@ -42,6 +42,8 @@ def test_search_writes_parent_and_child_runs(searched):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["dataset.fingerprint"]
     assert math.isclose(parent.data.metrics["hypervolume"], result.hypervolume)
+    ref = (parent.data.metrics["hypervolume_reference_auc"], parent.data.metrics["hypervolume_reference_bytes"])
+    assert ref == tuple(float(x) for x in result.reference)
     artifacts = {a.path for a in c.list_artifacts(result.parent_run_id)}
     assert {"recommended.yaml", "front.csv", "pareto.png"} <= artifacts
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
