@@ -186,7 +186,7 @@ class TrialRuns(Callback):
     def _work(self) -> None:
         while True:
             items = [self._queue.get()]
-            if items[0][0] == self._log_result:
+            if items[0][0] == self._log_results:
                 # Gather a moment's results and write them as one batch per run: each SQLite log_batch is a
                 # transaction of ~15 ms of driver CPU (measured: one per epoch took 2.5 s of 160 epochs' 17 s), and
                 # that CPU is taken from the trials (the driver shares their cores).
@@ -199,16 +199,18 @@ class TrialRuns(Callback):
             results: list[tuple] = []
             done = False
             for fn, args in items:
-                if fn == self._log_result:
-                    results.append(args)
+                if fn == self._log_results:
+                    results += args[0]
                     continue
-                self._call(self._log_results, results)  # in order: a run's results before its close
-                results = []
+                if results:  # in order: a run's results before its close
+                    self._call(self._log_results, results)
+                    results = []
                 if fn is None:
                     done = True
                     break
                 self._call(fn, *args)
-            self._call(self._log_results, results)
+            if results:
+                self._call(self._log_results, results)
             for _ in items:
                 self._queue.task_done()
             if done:
@@ -216,8 +218,7 @@ class TrialRuns(Callback):
 
     def _call(self, fn: Callable, *args) -> None:
         try:
-            if fn != self._log_results or args[0]:
-                fn(*args)
+            fn(*args)
         except Exception as e:  # a tracking hiccup must not take the search down; it is reported at the end
             log.warning("MLflow write failed: %s", e)
             self.errors.append(str(e))
@@ -267,11 +268,8 @@ class TrialRuns(Callback):
         self._emit("start", trial, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._submit(self._log_result, trial.trial_id, dict(trial.config), dict(result))
+        self._submit(self._log_results, [(trial.trial_id, dict(trial.config), dict(result))])
         self._emit("result", trial, result)
-
-    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
-        self._log_results([(trial_id, config, result)])
 
     def _log_results(self, results: list[tuple[str, dict, dict]]) -> None:
         """Per-epoch metrics (and where the trial runs, as tags) of several results, one log_batch per run."""
