@@ -6,8 +6,6 @@ What Ray's OptunaSearch does not do, and this subclass adds:
   ``final`` (trained to the full budget or to their own early-stopping convergence) are told COMPLETE.
 - A memory budget is a hard constraint: a sampled config over budget is told to Optuna as FAIL (user attr
   ``rejected``) and never reaches a worker.
-- The first sampled trial is the space's smallest model (``SearchSpace.smallest``, enqueued in a new study): the
-  front's cheap end is measured, not left to sampling luck.
 - Heuristic baselines (√n, fastai, ...) run first as labelled trials; when their config lies inside the sampled space
   they are added to the study as completed warm-start points once trained.
 - A resumed search (Ray restores this searcher from its last experiment checkpoint, the study from its journal) may
@@ -56,14 +54,6 @@ class DimSearch(OptunaSearch):
         self.budget = budget
         self._queue = list((heuristics or {}).items())
         self._configs: dict[str, dict] = {}
-        if not self._ot_study.get_trials(deepcopy=False):  # a new study (a resumed one has it already)
-            # The front's cheap end, measured rather than left to sampling luck: the smallest model of the space is
-            # the first sampled trial. It is on the front whatever its AUC (nothing is smaller), so a search that
-            # never samples near it misses the front's whole cheap end (and hypervolume) however well it does
-            # elsewhere; its AUC tells what the smallest embeddings give.
-            smallest = space.smallest()
-            self._ot_study.enqueue_trial({k: smallest[k] for k in space.distributions()},
-                                         user_attrs={"anchor": "smallest"})
 
     @property
     def study(self):

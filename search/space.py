@@ -405,13 +405,6 @@ class SearchSpace:
         model, _ = self.decode(config)
         return model_bytes(self.features, model.dims, model.hidden)
 
-    def smallest(self) -> dict:
-        """The config of the smallest model in the space: every searched dim at its low bound and the narrowest
-        searched MLP width (other searched knobs at their baselines)."""
-        dims = {name: low for name, (low, _) in self.ranges.items()}
-        knobs = {"hidden": min(self.hidden)} if isinstance(self.hidden, tuple) else {}
-        return self.encode(dims, **knobs)
-
     def min_bytes(self) -> int:
         """The smallest model in the space (model bytes grow with every dim and with the MLP width)."""
         return self._extreme_bytes(0)

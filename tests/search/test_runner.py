@@ -78,7 +78,7 @@ def test_search_front_is_nondominated_and_fully_trained(searched):
 
 
 def test_search_stopped_trials_are_pruned_in_optuna(searched):
-    result, _, space = searched
+    result, _, _ = searched
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(result.out / "optuna.journal")))
     study = optuna.load_study(study_name=result.study_name, storage=storage)
@@ -89,9 +89,6 @@ def test_search_stopped_trials_are_pruned_in_optuna(searched):
         state = by_ray[r["trial_id"]].state
         expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
         assert state == expected[r["outcome"]], r
-    anchor = [t for t in study.trials if t.user_attrs.get("anchor")]  # the smallest model, sampled first
-    assert len(anchor) == 1 and anchor[0].params == {k: space.smallest()[k] for k in space.distributions()}
-    assert any(r["model_bytes"] == space.min_bytes() and not r["heuristic"] and r["epochs"] for r in result.trials)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert all(t.values[1] == by_ray[t.user_attrs["ray_trial_id"]].values[1] for t in complete)
 

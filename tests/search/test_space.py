@@ -320,16 +320,6 @@ def test_min_max_bytes_bound_sampled_configs():
         assert space.min_bytes() <= space.bytes(config) <= space.max_bytes()
 
 
-@pytest.mark.parametrize("spec", [{}, {"grid": "pow2", "hidden": [64, 16, 128], "features": {"gender": 1}},
-                                  {"min_dim": 3, "features": {"user_id": {"pin": 16}}, "lr": {"low": 1e-3, "high": 2e-3}}])
-def test_smallest_is_the_space_s_smallest_model(spec):
-    space = build_space(FEATURES, parse_spec(spec))
-    smallest = space.smallest()
-    assert space.contains(smallest)
-    assert space.bytes(smallest) == space.min_bytes()
-    assert all(space.bytes(_sample(space, seed)) >= space.bytes(smallest) for seed in range(10))
-
-
 @pytest.mark.parametrize(
     "change",
     [
