@@ -139,6 +139,8 @@ def cmd_search(args) -> int:
                              ("--num-cpus", args.num_cpus, 1), ("--max-failures", args.max_failures, -1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} is {value}, but must be >= {low}" + (" (-1: retry forever)" if low < 0 else ""))
+    if not args.checkpoint_every >= 0:  # NaN too
+        raise UsageError(f"--checkpoint-every is {args.checkpoint_every}, but must be >= 0 seconds (0: every epoch)")
     if not args.reduction_factor > 1:
         raise UsageError(f"--reduction-factor is {args.reduction_factor}, but must be > 1")
     if args.name:
@@ -175,6 +177,7 @@ def cmd_search(args) -> int:
         tracking_uri=uri, experiment=args.experiment,
         output_dir=str(out_dir), address=address,
         num_cpus=args.num_cpus, max_failures=args.max_failures, sparse=args.sparse,
+        checkpoint_seconds=args.checkpoint_every,
     )
     previous = resume.load(settings.out)
     if previous is not None:  # run_search checks again; here it is refused before anything is printed
@@ -347,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu-batch-size", type=int, help="batch size of every trial when --gpus-per-trial > 0 "
                    "(default --batch-size): a GPU needs larger batches to keep busy")
     r.add_argument("--max-failures", type=int, default=1,
-                   help="retries of a failed trial (lost worker, error), each from its last epoch checkpoint")
+                   help="retries of a failed trial (lost worker, error), each from its last checkpoint")
+    r.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
+                   help="at least this long between two checkpoints of a trial, and always its last epoch "
+                   "(default %(default)g; 0: every epoch). A retried or resumed trial goes on from its last one")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns SQLite)")
     r.add_argument("--experiment", default="embsize", help="MLflow experiment name")
     s.set_defaults(func=cmd_search, rule_budget=True)

@@ -37,7 +37,8 @@ STATE_FILE = "search.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # May change between the start and a resume of a search: where and with how many failures it runs, and the rule that
 # picks the recommendation from the trials (applied afresh at the end).
-MAY_CHANGE = ("address", "num_cpus", "max_failures", "rule", "epsilon", "tracking_uri", "output_dir", "name")
+MAY_CHANGE = ("address", "num_cpus", "max_failures", "checkpoint_seconds", "rule", "epsilon", "tracking_uri",
+              "output_dir", "name")
 
 
 def check_name(name: str) -> str:

@@ -53,6 +53,7 @@ class SearchSettings:
     address: str | None = None  # Ray cluster address; None starts a local Ray
     num_cpus: int | None = None  # CPUs of a local Ray (None: all)
     max_failures: int = 1  # retries of a failed trial (lost worker or error), each from its last checkpoint
+    checkpoint_seconds: float = 30.0  # at least this long between two checkpoints of a trial (0: every epoch)
     sparse: bool = False
     storage_path: str | None = None  # Ray Tune storage: a folder every node sees or an s3:// URI; None: OUT/NAME/ray
 
@@ -179,6 +180,7 @@ def run_search(
         trial_settings = TrialSettings(
             settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
             settings.cpus_per_trial, settings.sparse, decision_epochs(scheduler, settings.max_epochs),
+            settings.checkpoint_seconds,
         )
         trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
         resources = {"cpu": settings.cpus_per_trial}
@@ -211,7 +213,7 @@ def run_search(
                     callbacks=[runs, JsonLoggerCallback()],
                     verbose=0,
                     failure_config=failures,
-                    # Every epoch checkpoint is kept while the search runs: Ray saves its experiment state (which
+                    # Every checkpoint is kept while the search runs: Ray saves its experiment state (which
                     # names each trial's checkpoint) every ~10 s and asynchronously, so with num_to_keep=1 or 2 a
                     # killed driver leaves a state naming a checkpoint already deleted, and that trial cannot
                     # resume. The checkpoints are deleted when the search has finished (_prune_checkpoints).

@@ -72,6 +72,8 @@ CASES = [
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,y"], "also listed as a feature"),
     (["search", "--data", "{ok.csv}", *CSV, "--multi", "rating"], "is not among the features"),
     # budget and dims
+    (["search", *SMALL, "--checkpoint-every", "-1"], "--checkpoint-every is -1.0, but must be >= 0 seconds"),
+    (["search", *SMALL, "--checkpoint-every", "nan"], "--checkpoint-every is nan, but must be >= 0 seconds"),
     (["search", *SMALL, "--memory-budget", "10"], "raise the budget"),
     (["search", *SMALL, "--memory-budget", "lots"], "memory budget 'lots' is not a size"),
     (["search", *SMALL, "--max-dim", "0"], "max_dim is 0, but must be >= 1"),

@@ -264,13 +264,18 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
         assert table.loc[table["trial_id"] == trial_id, "outcome"].tolist() == [outcome]
     assert (table["outcome"] == "completed").all()
 
-    _, parents, children = _runs(uri, "lid")
+    c, parents, children = _runs(uri, "lid")
     assert [r.info.status for r in parents] == ["FINISHED"] and parents[0].data.tags["embsize.resumed"] == "1"
     assert not [r for r in children if r.info.status == "RUNNING"]
     by_trial = {}
     for r in children:
         by_trial.setdefault(r.data.tags["trial_id"], []).append(r)
     assert all(len(runs) == 1 for runs in by_trial.values())  # no duplicate child runs
+    for runs in by_trial.values():  # trials the kill interrupted restart from their last checkpoint (with the default
+        # --checkpoint-every, the start) and report their early epochs again: MLflow has each epoch once
+        if runs[0].info.status == "FINISHED":
+            steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "val_auc")]
+            assert steps == list(range(1, int(runs[0].data.tags["epochs_trained"]) + 1)), steps
     assert set(table["trial_id"]) <= set(by_trial)
     # trials the killed driver had started but never saved are closed KILLED, not left RUNNING
     assert all(runs[0].info.status == "KILLED" for t, runs in by_trial.items() if t not in set(table["trial_id"]))
@@ -302,7 +307,8 @@ def test_worker_node_killed_trial_continues_from_its_checkpoint(tmp_path):
         search = subprocess.Popen(
             [str(BIN / "embsize"), "search", "--address", address, "--rows", "3000", "--trials", "2",
              "--max-epochs", "4", "--patience", "0", "--no-heuristics", "--scheduler", "fifo", "--max-concurrent", "2",
-             "--max-failures", "2", "--name", "lost", "--tracking-uri", tracking, "--storage-path", str(shared),
+             "--max-failures", "2", "--checkpoint-every", "0", "--name", "lost", "--tracking-uri", tracking,
+             "--storage-path", str(shared),
              "--output-dir", str(tmp_path / "out")],
             env=cl.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

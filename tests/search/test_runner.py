@@ -32,11 +32,21 @@ def searched(data, ray_session, tmp_path_factory):
     space = build_space(data.features, SearchSpec(max_dim=32))
     settings = SearchSettings(name="t", trials=10, max_epochs=4, patience=0, grace_period=1, reduction_factor=2,
                               scheduler="asha", tracking_uri=uri, output_dir=str(tmp / "out"))
-    return run_search(data, space, settings, {"source": "synthetic"}), uri, space
+    results = []
+    on_event = lambda kind, trial, result: results.append(dict(result)) if kind == "result" else None  # noqa: E731
+    return run_search(data, space, settings, {"source": "synthetic"}, on_event=on_event), uri, space, results
+
+
+def test_search_checkpoints_only_last_epochs_within_the_interval(searched):
+    *_, results = searched
+    assert SearchSettings.checkpoint_seconds >= 10  # trials here last ~1 s: well inside the default interval
+    assert len(results) > 15 and any(r["final"] for r in results) and not all(r["final"] for r in results)
+    # Ray names the checkpoint a result carried (None without one): a trial's last epoch only
+    assert all((r["checkpoint_dir_name"] is not None) == r["final"] for r in results)
 
 
 def test_search_writes_parent_and_child_runs(searched):
-    result, uri, _ = searched
+    result, uri, *_ = searched
     c = MlflowClient(uri)
     parent = c.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -64,7 +74,7 @@ def test_search_writes_parent_and_child_runs(searched):
 
 
 def test_search_front_is_nondominated_and_fully_trained(searched):
-    result, _, _ = searched
+    result, *_ = searched
     assert result.front
     assert all(r["outcome"] == "completed" for r in result.front)
     done = [r for r in result.trials if r["outcome"] == "completed"]
@@ -78,7 +88,7 @@ def test_search_front_is_nondominated_and_fully_trained(searched):
 
 
 def test_search_stopped_trials_are_pruned_in_optuna(searched):
-    result, _, _ = searched
+    result, *_ = searched
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(result.out / "optuna.journal")))
     study = optuna.load_study(study_name=result.study_name, storage=storage)
@@ -94,7 +104,7 @@ def test_search_stopped_trials_are_pruned_in_optuna(searched):
 
 
 def test_search_recipe_rebuilds_exact_model(searched, data):
-    result, _, space = searched
+    result, _, space, _ = searched
     recipe = Recipe.load(result.recipe_path)
     model = build(recipe)
     assert dict(recipe.model.dims) == result.recommended["dims"]
