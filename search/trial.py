@@ -98,6 +98,9 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
 
     # with faults injected every report waits, so a fault lands after exactly the reports it names
     reporter = _Reporter(settings.decisions if not faults else None)
+    # a "die" fault ends the first run of a trial only: its retry must resume from the epoch before it, so every epoch
+    # is checkpointed
+    interval = 0.0 if any(f.action == "die" for f in faults) else settings.checkpoint_seconds
     last_checkpoint = time.monotonic()
 
     def on_epoch(r, snapshot) -> None:
@@ -121,7 +124,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         }
         _inject(faults, r.epoch, resumed=start, before_report=True)
         tmp = None
-        if final or time.monotonic() - last_checkpoint >= settings.checkpoint_seconds:
+        if final or time.monotonic() - last_checkpoint >= interval:
             tmp = Path(tempfile.mkdtemp(prefix="embsize-ckpt-"))
             t0 = time.perf_counter()
             # written before training goes on, so the live state needs no copy; the best epoch's weights are left
