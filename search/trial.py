@@ -126,7 +126,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         tmp = None
         if final or time.monotonic() - last_checkpoint >= interval:
             tmp = Path(tempfile.mkdtemp(prefix="embsize-ckpt-"))
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             # written before training goes on, so the live state needs no copy; the best epoch's weights are left
             # out (only train()'s returned model needs them)
             save_checkpoint(tmp, snapshot(copied=False, best_model=False), metrics)
