@@ -91,7 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export = save_model(Path(tmp) / "export", model, data.encoder, Recipe(data.features, model_cfg, TrainConfig()))
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-        with mlflow.start_run():
+        # the model's files go to the temp dir too (a SQLite store's default artifact root is ./mlruns under the cwd)
+        experiment = mlflow.create_experiment("bench", artifact_location=Path(tmp, "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
             log_model(export, raw.frame.head(5), registered_model_name="bench")
         pyfunc = mlflow.pyfunc.load_model("models:/bench/1")
         served = pyfunc.unwrap_python_model()
