@@ -139,7 +139,7 @@ class TrialRuns(Callback):
         self.restored = False  # set by ``rewire``: the trials may have runs from before
         self._client = None
         self._queue: queue.Queue | None = None
-        self._wake = threading.Event()
+        self._wake: threading.Event | None = None  # made with the writer thread, like the queue
         self._thread: threading.Thread | None = None
         self.errors: list[str] = []
 
