@@ -23,6 +23,11 @@ def add_review_commands(sub) -> None:
                    help="retrains at once, one CPU each, as Ray tasks (default: one per CPU when the search's "
                         "training times say the retrains take over a minute, else 1, in this process)")
     c.add_argument("--out", help="confirmation folder (default ./embsize-out/NAME/confirm)")
+    c.add_argument("--refine", action="store_true",
+                   help="then halve each searched dim of the confirmed pick while its mean AUC over the same seeds "
+                        "holds, and write refined.yaml (search/refine.py)")
+    c.add_argument("--refine-tolerance", type=float,
+                   help="AUC the refinement may give up against the confirmed pick (default: the search's epsilon)")
     g = c.add_argument_group("data (default: rebuilt from the search's run)")
     g.add_argument("--data", help="the search's data source, when it cannot be rebuilt from the run's params")
     g.add_argument("--label", help="label column of a CSV/Parquet file")
@@ -78,6 +83,11 @@ def cmd_confirm(args) -> int:
         raise UsageError(f"--seeds is {args.seeds}, but must be >= 2 (one seed has no spread)")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers is {args.workers}, but must be >= 1")
+    tol = args.refine_tolerance
+    if tol is not None and not (0 <= tol < 1):  # also refuses nan
+        raise UsageError(f"--refine-tolerance is {tol}, but must be in [0, 1), e.g. 0.002 (an AUC difference)")
+    if tol is not None and not args.refine:
+        raise UsageError("--refine-tolerance is given without --refine; add --refine or drop it")
     result = _review(args)
     options = {k: v for k, v in (("label", args.label), ("features", parse_list(args.features) or None),
                                  ("multi", parse_list(args.multi) or None)) if v}
@@ -109,4 +119,27 @@ def cmd_confirm(args) -> int:
               "on mean AUC by more than the noise")
     print(f"confirmed config: {files['confirmed.yaml'].resolve()} (also on MLflow run {result.parent_run_id}, "
           f"artifacts confirm/); {conf.seconds:.0f} s")
+    if args.refine:
+        _refine(result, conf, data, settings, tol, out)
     return 0
+
+
+def _refine(result, conf, data, settings, tolerance, out: Path) -> None:
+    from .refine import log_refinement, refine, searched_features, write_refinement
+
+    searched = searched_features(result)
+    print(f"\nrefining {conf.confirmed}: halving each of {', '.join(searched) or '(no searched dims)'} while the mean "
+          f"AUC over seeds {settings.seed_list} stays within "
+          f"{settings.epsilon if tolerance is None else tolerance} of {conf.row(conf.confirmed)['mean_auc']:.4f}",
+          flush=True)
+    ref = refine(conf, data, settings, searched, tolerance)
+    files = write_refinement(result, conf, ref, data, out)
+    log_refinement(result, ref, files)
+    cols = ["round", "changed", "model_bytes", "mean_auc", "sd_auc", "holds", "taken"]
+    if len(ref.steps):
+        print(ref.steps[cols + [f"dim.{f}" for f in searched]].to_string(index=False))
+    start = conf.row(conf.confirmed)
+    print(f"refined dims: {', '.join(f'{k} {ref.start.model.dims[k]}->{v}' for k, v in ref.dims.items() if k in searched)}")
+    print(f"refined config: mean AUC {ref.mean_auc:.4f} ± {ref.sd_auc:.4f} (floor {ref.floor:.4f}), model bytes "
+          f"{ref.model_bytes:,} ({ref.model_bytes / start['model_bytes']:.2f}x the confirmed pick's); "
+          f"{files['refined.yaml'].resolve()}; {ref.seconds:.0f} s")
