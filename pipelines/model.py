@@ -56,6 +56,7 @@ class EmbeddingRecommender(nn.Module):
         sparse: bool = False,
     ):
         super().__init__()
+        key = int(torch.randint(0, 2**31 - 1, (1,)))  # first, before the modules' own inits use the global stream
         self.features = tuple(features)
         self.dims = validate_dims(self.features, dict(dims))
         self.hidden = tuple(int(h) for h in hidden)
@@ -100,10 +101,10 @@ class EmbeddingRecommender(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
-        self._init_per_feature()
+        self._init_per_feature(key)
 
     @torch.no_grad()
-    def _init_per_feature(self) -> None:
+    def _init_per_feature(self, key: int) -> None:
         """Draw each feature's parameters from its own stream, keyed by the feature's name.
 
         The distributions are the usual ones (tables N(0, 0.05^2); Linear layers U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
@@ -112,22 +113,25 @@ class EmbeddingRecommender(nn.Module):
         by the new fan-in) and the same deeper layers. Drawn in one global stream, changing one dim would shift every
         draw after it, so trials of a search, or a config and its one-dim-halved neighbour in ``embsize confirm
         --refine``, would also differ by an unrelated fresh init: on the planted synthetic set that doubled the
-        seed-to-seed spread of their AUC difference. One draw of the global stream keys all the streams, so
-        ``torch.manual_seed`` still sets everything.
+        seed-to-seed spread of their AUC difference. ``key``, the global stream's first draw in ``__init__``, keys
+        all the streams, so ``torch.manual_seed`` still sets everything.
         """
-        key = int(torch.randint(0, 2**31 - 1, (1,)))
 
         def stream(name: str) -> torch.Generator:
             return torch.Generator().manual_seed(key * 1_000_003 + zlib.crc32(name.encode()))
 
+        # one stream per column, so that a smaller dim of a feature starts from the first columns of a larger one
+        # (torch's normal_ fills in blocks, so one stream over a whole table would depend on its size)
         for f in self.features:
-            self.table(f.name).normal_(0.0, 0.05, generator=stream("table:" + f.name))
+            t = self.table(f.name)
+            for j in range(t.shape[1]):
+                t[:, j].normal_(0.0, 0.05, generator=stream(f"table:{f.name}:{j}"))
         linears, col = self.linears(), 0
         first, bound = linears[0], 1.0 / math.sqrt(linears[0].in_features)
         for name in (*self.single_order, *self.bag_order):  # the order of the first layer's input columns
-            d = self.dims[name]
-            first.weight[:, col : col + d].uniform_(-bound, bound, generator=stream("w0:" + name))
-            col += d
+            for j in range(self.dims[name]):
+                first.weight[:, col + j].uniform_(-bound, bound, generator=stream(f"w0:{name}:{j}"))
+            col += self.dims[name]
         first.bias.uniform_(-bound, bound, generator=stream("b0"))
         for i, layer in enumerate(linears[1:], 1):
             bound = 1.0 / math.sqrt(layer.in_features)

@@ -146,3 +146,42 @@ def test_validate_dims_refuses_bad_input_with_the_value_and_the_rule():
 def test_model_refuses_bad_dropout_and_hidden(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EmbeddingRecommender(SINGLE_ONLY, {"user": 2, "item": 2, "genre": 2, "zip": 2}, **kwargs)
+
+
+def _first_layer_columns(model: EmbeddingRecommender) -> dict[str, torch.Tensor]:
+    cols, col = {}, 0
+    for name in (*model.single_order, *model.bag_order):
+        cols[name] = model.linears()[0].weight[:, col : col + model.dims[name]]
+        col += model.dims[name]
+    return cols
+
+
+def test_init_changing_one_dim_keeps_every_other_features_draws():
+    dims = {"user": 8, "item": 8, "genre": 4, "tags": 4, "zip": 2}
+    torch.manual_seed(3)
+    a = EmbeddingRecommender(FEATURES, dims)
+    torch.manual_seed(3)
+    b = EmbeddingRecommender(FEATURES, {**dims, "user": 4})  # also moves user out of item's fused table
+    torch.manual_seed(4)
+    c = EmbeddingRecommender(FEATURES, dims)
+    scale = (sum(dims.values()) / (sum(dims.values()) - 4)) ** 0.5  # first-layer bound 1/sqrt(fan_in)
+    ca, cb = _first_layer_columns(a), _first_layer_columns(b)
+    for f in ("item", "genre", "tags", "zip"):
+        assert torch.equal(a.table(f), b.table(f))
+        assert torch.allclose(cb[f], ca[f] * scale, atol=1e-6)
+        assert not torch.equal(a.table(f), c.table(f))  # the global seed still decides
+    assert torch.equal(a.table("user")[:, :4], b.table("user"))  # the same stream, the first columns
+    assert torch.allclose(cb["user"], ca["user"][:, :4] * scale, atol=1e-6)
+    for la, lb in zip(a.linears()[1:], b.linears()[1:]):
+        assert torch.equal(la.weight, lb.weight) and torch.equal(la.bias, lb.bias)
+
+
+def test_init_distributions_are_the_usual_ones():
+    torch.manual_seed(0)
+    model = EmbeddingRecommender((FeatureInfo("u", False, 20_000), FeatureInfo("i", False, 500)), {"u": 16, "i": 32})
+    assert model.table("u").std().item() == pytest.approx(0.05, rel=0.02)
+    assert abs(model.table("u").mean().item()) < 0.002
+    for layer in model.linears():
+        bound = layer.in_features ** -0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert layer.bias.abs().max() <= bound
