@@ -108,7 +108,7 @@ def test_confirm_end_to_end_retrains_and_logs_to_the_parent_run(ray_session, tmp
     assert parent.data.metrics["confirmed_val_auc_mean"] == pytest.approx(table.loc[table["confirmed"], "mean_auc"].item())
     assert parent.data.metrics["confirm_seeds"] == 2
     uploaded = {a.path for a in MlflowClient(uri).list_artifacts(result.parent_run_id, "confirm")}
-    assert uploaded == {"confirm/confirm.csv", "confirm/confirmed.yaml"}
+    assert {"confirm/confirm.csv", "confirm/confirmed.yaml"} <= uploaded  # (test_refine adds refine files to the run)
     assert f"confirmed recommendation {confirmed}" in text and parent.data.tags["confirm_verdict"] in text
 
 
