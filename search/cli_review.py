@@ -128,10 +128,10 @@ def _refine(result, conf, data, settings, tolerance, out: Path) -> None:
     from .refine import log_refinement, refine, searched_features, write_refinement
 
     searched = searched_features(result)
+    fresh = [s + settings.seeds for s in settings.seed_list]
     print(f"\nrefining {conf.confirmed}: halving each of {', '.join(searched) or '(no searched dims)'} while the mean "
-          f"AUC over seeds {settings.seed_list} stays within "
-          f"{settings.epsilon if tolerance is None else tolerance} of {conf.row(conf.confirmed)['mean_auc']:.4f}",
-          flush=True)
+          f"AUC over seeds {fresh} stays within {settings.epsilon if tolerance is None else tolerance} of the pick's "
+          "on those seeds (round 0)", flush=True)
     ref = refine(conf, data, settings, searched, tolerance)
     files = write_refinement(result, conf, ref, data, out)
     log_refinement(result, ref, files)

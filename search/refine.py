@@ -5,16 +5,19 @@ categories keeps whatever dim the winning trial happened to sample: going from 1
 3.4 KB of a 100 KB model, below what separates two points on the front. The recommended config is then right in total
 bytes and AUC but says little about what each feature needs, which is the question embsize answers.
 
-``refine`` starts from ``embsize confirm``'s pick and its per-seed AUCs, and asks the question directly, with the same
-seeds (paired, so that a proposal and the current config differ by the dims, not by the shuffle):
+``refine`` starts from ``embsize confirm``'s pick and asks the question directly, on k fresh seeds (the k after the
+confirmation's), the same for every config it trains, so that a proposal and the config it would replace differ by
+the dims, not by the shuffle or the init of the other features:
 
+- round 0 retrains the pick itself on the fresh seeds. Its confirmation mean is no reference: the pick was chosen
+  as (about) the best of a dozen means of k seeds each, so that mean is biased upward by about a standard error
+  (~0.003 AUC on the planted synthetic set at k = 3), and every halving measured on other seeds would look worse by
+  as much;
 - a round proposes, for every feature still open, the current config with that feature's dim halved (rounded down,
   at least 1), and retrains each proposal with the k seeds, all of them at once;
-- a proposal holds when its mean AUC is >= the floor: the pick's own mean over the same seeds minus a tolerance
-  (``--refine-tolerance``, by default the search's epsilon; not
-  the best candidate's mean minus epsilon: with k = 3 seeds a mean moves by ~0.003 on seed luck alone, and the
-  largest of a dozen such means is biased upward by about that much). The floor is fixed for the whole refinement,
-  so the losses of successive halvings add up to at most the tolerance, never to the tolerance per step;
+- a proposal holds when its mean AUC is >= the floor: the pick's round-0 mean minus a tolerance
+  (``--refine-tolerance``, by default the search's epsilon). The floor is fixed for the whole refinement, so the
+  losses of successive halvings add up to at most the tolerance, never to the tolerance per step;
 - a feature whose proposal fails is closed at its current dim; if several proposals hold, their union is retrained
   too and taken when it holds; otherwise the one that saves the most bytes is taken and the others are proposed again
   in the next round (their halvings were each judged alone);
@@ -22,7 +25,7 @@ seeds (paired, so that a proposal and the current config differ by the dims, not
 
 Only dims the search sampled are refined (pinned features stay pinned); the MLP, learning rate and training budget are
 the confirmed config's. The refined AUC is measured on the seeds it was selected on, so it is a little optimistic; the
-refinement table keeps every proposal so the steps can be checked.
+refinement table keeps every proposal (round 0 is the pick) so the steps can be checked.
 """
 from __future__ import annotations
 
@@ -62,27 +65,20 @@ class Refinement:
         return replace(self.start.model, dims=dict(self.dims))
 
 
-def floor_auc(conf: Confirmation, tolerance: float) -> float:
-    """The AUC the refinement must keep: the confirmed pick's mean over the seeds minus the tolerance."""
-    t = conf.table
-    return float(t.loc[t["confirmed"], "mean_auc"].iloc[0]) - tolerance
-
-
 def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, searched: list[str],
            tolerance: float | None = None, max_rounds: int = 12, retrain_fn=retrain) -> Refinement:
-    """Halve the confirmed pick's ``searched`` dims while the mean AUC over the confirmation's seeds stays within
-    ``tolerance`` (default: the search's epsilon) of the pick's (module docstring). ``conf`` is ``confirm``'s
-    result; its retrain settings (seeds, epochs, workers) are reused. ``retrain_fn`` is ``confirm.retrain``'s
+    """Halve the confirmed pick's ``searched`` dims while the mean AUC over k fresh seeds stays within ``tolerance``
+    (default: the search's epsilon) of the pick's on those seeds (module docstring). ``conf`` is ``confirm``'s
+    result; its retrain settings (k, epochs, workers) are reused. ``retrain_fn`` is ``confirm.retrain``'s
     signature (tests give it a known AUC surface to check the walk on)."""
     started = time.perf_counter()
     start: Candidate = conf.extra["candidates"][conf.confirmed]
-    start_runs = conf.extra["runs"][conf.confirmed]
-    floor = floor_auc(conf, settings.epsilon if tolerance is None else tolerance)
+    settings = replace(settings, first_seed=settings.first_seed + settings.seeds)  # fresh seeds (module docstring)
+    tolerance = settings.epsilon if tolerance is None else tolerance
     dims = dict(start.model.dims)
-    aucs = [r["auc"] for r in start_runs]
-    best_epochs = [r["best_epoch"] for r in start_runs]
     open_ = [f for f in searched if dims.get(f, 1) > 1]
     rows: list[dict] = []
+    floor = -math.inf
 
     def evaluate(round_: int, tried: dict[str, dict]) -> dict[str, tuple[float, list]]:
         """Retrain each named proposal (label -> dims) with the seeds; label -> (mean AUC, runs)."""
@@ -102,6 +98,10 @@ def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, 
 
     ray_started = retrain_fn is retrain and _start_ray(settings)
     try:
+        mean, runs = evaluate(0, {"start": dims})["start"]
+        floor = mean - tolerance
+        rows[0].update(holds=True, taken=True)
+        aucs, best_epochs = [r["auc"] for r in runs], [r["best_epoch"] for r in runs]
         for round_ in range(1, max_rounds + 1):
             if not open_:
                 break
@@ -140,7 +140,7 @@ def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, 
     final = replace(start.model, dims=dims)
     return Refinement(start, dims, float(np.mean(aucs)), float(np.std(aucs, ddof=1)),
                       _bytes(data, final), floor, steps, time.perf_counter() - started,
-                      int(np.median(best_epochs)))
+                      int(np.median(best_epochs)), {"seeds": settings.seed_list})
 
 
 def _bytes(data: EncodedDataset, model: ModelConfig) -> int:
@@ -185,7 +185,7 @@ def write_refinement(result, conf: Confirmation, ref: Refinement, data: EncodedD
         TrainConfig(lr=ref.start.lr, batch_size=s.batch_size, max_epochs=s.max_epochs, patience=s.patience,
                     seed=int(result.extra["settings"]["seed"])),
         dataset={**dataset, "name": data.name, "fingerprint": data.fingerprint},
-        expected={"val_auc": ref.mean_auc, "val_auc_sd": ref.sd_auc, "seeds": conf.seeds,
+        expected={"val_auc": ref.mean_auc, "val_auc_sd": ref.sd_auc, "seeds": ref.extra["seeds"],
                   "model_bytes": ref.model_bytes, "best_epoch": ref.best_epoch, "floor_val_auc": round(ref.floor, 5)},
         provenance={"search": result.name, "refined_from": ref.start.trial_id, "confirmed": conf.verdict,
                     "rule": f"halve each searched dim while the mean val AUC >= {ref.floor:.5f}",
