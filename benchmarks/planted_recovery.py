@@ -92,5 +92,6 @@ def main() -> None:
     print(f"recovered within x2 ({judged}): {hits}/{len(planted)} = {share:.0%} (target >= 80 %) "
           f"{'MET' if share >= 0.8 else 'MISSED'}")
 
+
 if __name__ == "__main__":
     main()

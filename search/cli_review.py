@@ -78,6 +78,7 @@ def cmd_confirm(args) -> int:
     from .cli import UsageError
     from .confirm import (ConfirmSettings, candidates, confirm, log_confirmation, plan_workers, rebuild_data,
                           write_confirmation)
+    from .refine import searched_features
 
     if args.seeds < 2:
         raise UsageError(f"--seeds is {args.seeds}, but must be >= 2 (one seed has no spread)")
@@ -93,15 +94,17 @@ def cmd_confirm(args) -> int:
                                  ("multi", parse_list(args.multi) or None)) if v}
     data = rebuild_data(result, args.data, **options)
     st = result.extra["settings"]
-    workers, estimate = plan_workers(candidates(result), args.seeds)
+    # --refine: round 0, then about two rounds of one proposal per searched feature (search/refine.py)
+    extra = 1 + 2 * len(searched_features(result)) if args.refine else 0
+    workers, estimate = plan_workers(candidates(result), args.seeds, extra=extra)
     settings = ConfirmSettings(
         seeds=args.seeds, first_seed=st["seed"] + 1, max_epochs=st["max_epochs"], patience=st["patience"],
         batch_size=st["batch_size"], workers=args.workers or workers, rule=st["rule"], epsilon=st["epsilon"],
         budget=st["memory_budget"],
     )
     print(f"confirming search '{result.name}': retraining its front, recommendation and baselines with seeds "
-          f"{settings.seed_list}, {settings.workers} at once (~{estimate:.0f} s of training in sequence, from the "
-          "search's epoch times)", flush=True)
+          f"{settings.seed_list}, {settings.workers} at once (~{estimate:.0f} s of training in sequence"
+          f"{' with the refinement' if args.refine else ''}, from the search's epoch times)", flush=True)
     conf = confirm(result, data, settings)
     out = Path(args.out) if args.out else Path("embsize-out") / result.name / "confirm"
     files = write_confirmation(result, conf, data, out)

@@ -280,14 +280,15 @@ def log_confirmation(result, conf: Confirmation, files: dict[str, Path]) -> None
         c.log_artifact(result.parent_run_id, str(path), CONFIRM_ARTIFACTS)
 
 
-def plan_workers(cands: list[Candidate], seeds: int, cpus: int | None = None) -> tuple[int, float]:
+def plan_workers(cands: list[Candidate], seeds: int, cpus: int | None = None, extra: int = 0) -> tuple[int, float]:
     """(retrains at once, estimated sequential seconds): one per CPU as Ray tasks when the retrains, estimated from
-    the search's own training times, take long enough to repay starting Ray (``RAY_OVERHEAD_S``); else 1."""
+    the search's own training times, take long enough to repay starting Ray (``RAY_OVERHEAD_S``); else 1. ``extra``:
+    configs trained after the candidates with the same seeds (``--refine``'s expected proposals)."""
     cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     known = [c.train_seconds for c in cands if math.isfinite(c.train_seconds)]
     per_job = float(np.mean(known)) if known else math.inf  # unknown: assume long
-    estimate = per_job * len(cands) * seeds
-    workers = min(cpus, len(cands) * seeds)
+    estimate = per_job * (len(cands) + extra) * seeds
+    workers = min(cpus, (len(cands) + extra) * seeds)
     # parallel: overhead + estimate / workers; worth it when that beats the estimate
     if workers > 1 and estimate > RAY_OVERHEAD_S * workers / (workers - 1):
         return workers, estimate

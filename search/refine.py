@@ -42,7 +42,7 @@ from pipelines import EncodedDataset
 from pipelines.memory import model_bytes
 from pipelines.model import ModelConfig
 
-from .confirm import Candidate, ConfirmSettings, Confirmation, retrain
+from .confirm import Candidate, Confirmation, ConfirmSettings, retrain
 
 log = logging.getLogger(__name__)
 

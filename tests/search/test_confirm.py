@@ -78,6 +78,7 @@ def test_decide_refuses_bad_input():
 def test_plan_workers_parallelizes_only_work_that_repays_starting_ray():
     quick = [replace(c, train_seconds=1.0) for c in LUCKY]  # 4 candidates x 3 seeds x 1 s = 12 s
     assert plan_workers(quick, seeds=3, cpus=2) == (1, 12.0)
+    assert plan_workers(quick, seeds=3, cpus=2, extra=12) == (2, 48.0)  # --refine's retrains repay it
     slow = [replace(c, train_seconds=RAY_OVERHEAD_S) for c in LUCKY]
     assert plan_workers(slow, seeds=3, cpus=8) == (8, 12 * RAY_OVERHEAD_S)
     assert plan_workers(slow, seeds=3, cpus=1)[0] == 1
