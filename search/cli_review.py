@@ -24,7 +24,7 @@ def add_review_commands(sub) -> None:
                         "training times say the retrains take over a minute, else 1, in this process)")
     c.add_argument("--out", help="confirmation folder (default ./embsize-out/NAME/confirm)")
     c.add_argument("--refine", action="store_true",
-                   help="then halve each searched dim of the confirmed pick while its mean AUC over the same seeds "
+                   help="then halve each searched dim of the confirmed pick while its mean AUC over k fresh seeds "
                         "holds, and write refined.yaml (search/refine.py)")
     c.add_argument("--refine-tolerance", type=float,
                    help="AUC the refinement may give up against the confirmed pick (default: the search's epsilon)")
