@@ -78,16 +78,18 @@ def main() -> None:
               f"{ref.model_bytes:,} bytes; wall of both {time.perf_counter() - t0:.0f} s")
     judged = list(columns)[-1]
     print(f"{'feature':<12}{'planted':>9}" + "".join(f"{c:>13}" for c in columns) + "  within x2 (" + judged + ")")
+
+    def recovered(name: str, dim: int) -> bool:
+        p = planted[name]
+        return dim <= max(2, space.ranges.get(name, (1, 1))[0]) if p == 0 else p / 2 <= dim <= 2 * p
+
     hits = 0
     for name, p in planted.items():
-        r = columns[judged][name]
-        ok = (r <= max(2, space.ranges.get(name, (1, 1))[0])) if p == 0 else (p / 2 <= r <= 2 * p)
+        ok = recovered(name, columns[judged][name])
         hits += ok
         print(f"{name:<12}{p:>9}" + "".join(f"{c[name]:>13}" for c in columns.values()) + f"  {'yes' if ok else 'no'}")
     for label, dims in columns.items():
-        n = sum(((d[k] <= max(2, space.ranges.get(k, (1, 1))[0])) if p == 0 else (p / 2 <= d[k] <= 2 * p))
-                for d in [dims] for k, p in planted.items())
-        print(f"  {label}: {n}/{len(planted)} within x2")
+        print(f"  {label}: {sum(recovered(k, dims[k]) for k in planted)}/{len(planted)} within x2")
     share = hits / len(planted)
     print(f"recovered within x2 ({judged}): {hits}/{len(planted)} = {share:.0%} (target >= 80 %) "
           f"{'MET' if share >= 0.8 else 'MISSED'}")

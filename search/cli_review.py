@@ -95,7 +95,8 @@ def cmd_confirm(args) -> int:
     data = rebuild_data(result, args.data, **options)
     st = result.extra["settings"]
     # --refine: round 0, then about two rounds of one proposal per searched feature (search/refine.py)
-    extra = 1 + 2 * len(searched_features(result)) if args.refine else 0
+    searched = searched_features(result) if args.refine else []
+    extra = 1 + 2 * len(searched) if args.refine else 0
     workers, estimate = plan_workers(candidates(result), args.seeds, extra=extra)
     settings = ConfirmSettings(
         seeds=args.seeds, first_seed=st["seed"] + 1, max_epochs=st["max_epochs"], patience=st["patience"],
@@ -123,14 +124,13 @@ def cmd_confirm(args) -> int:
     print(f"confirmed config: {files['confirmed.yaml'].resolve()} (also on MLflow run {result.parent_run_id}, "
           f"artifacts confirm/); {conf.seconds:.0f} s")
     if args.refine:
-        _refine(result, conf, data, settings, tol, out)
+        _refine(result, conf, data, settings, searched, tol, out)
     return 0
 
 
-def _refine(result, conf, data, settings, tolerance, out: Path) -> None:
-    from .refine import log_refinement, refine, searched_features, write_refinement
+def _refine(result, conf, data, settings, searched: list[str], tolerance, out: Path) -> None:
+    from .refine import log_refinement, refine, write_refinement
 
-    searched = searched_features(result)
     fresh = [s + settings.seeds for s in settings.seed_list]
     print(f"\nrefining {conf.confirmed}: halving each of {', '.join(searched) or '(no searched dims)'} while the mean "
           f"AUC over seeds {fresh} stays within {settings.epsilon if tolerance is None else tolerance} of the pick's "

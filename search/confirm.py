@@ -24,6 +24,7 @@ standard error se_c = s_c / sqrt(k).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -223,28 +224,17 @@ def rebuild_data(result, source: str | None = None, **load_options) -> EncodedDa
 
 def write_confirmation(result, conf: Confirmation, data: EncodedDataset, out: Path) -> dict[str, Path]:
     """confirm.csv (the table) and confirmed.yaml (the recipe of the re-pick, mean AUC as expected) in ``out``."""
-    from pipelines import TrainConfig
-    from pipelines.recipe import Recipe, write_atomic
+    from pipelines.recipe import write_atomic
 
-    s: ConfirmSettings = conf.extra["settings"]
     cand: Candidate = conf.extra["candidates"][conf.confirmed]
     row = conf.row(conf.confirmed)
-    searched = result.extra.get("recipe")  # the search's recipe: the dataset options and MLflow location, typed
-    dataset = dict(searched.dataset) if searched is not None else {
-        k[len("dataset."):]: v for k, v in result.extra["params"].items() if k.startswith("dataset.") and k.count(".") == 1}
-    mlflow_info = dict((searched.provenance.get("mlflow") or {}) if searched is not None else {})
-    mlflow_info.update(experiment_id=result.extra["experiment_id"], parent_run_id=result.parent_run_id,
-                       trial_run_id=cand.run_id)
-    recipe = Recipe(
-        data.features, cand.model,
-        TrainConfig(lr=cand.lr, batch_size=s.batch_size, max_epochs=s.max_epochs, patience=s.patience,
-                    seed=int(result.extra["settings"]["seed"])),
-        dataset={**dataset, "name": data.name, "fingerprint": data.fingerprint},
+    recipe = retrained_recipe(
+        result, conf.extra["settings"], data, cand, cand.model,
         expected={"val_auc": float(row["mean_auc"]), "val_auc_sd": float(row["sd_auc"]), "seeds": conf.seeds,
                   "model_bytes": cand.model_bytes, "best_epoch": conf.extra["best_epoch"],
                   "single_seed_val_auc": cand.single_auc},
-        provenance={"search": result.name, "trial_id": cand.trial_id, "confirmed": conf.verdict,
-                    "search_recommendation": conf.recommended, "rule": _rule_text(s), "mlflow": mlflow_info},
+        provenance={"trial_id": cand.trial_id, "confirmed": conf.verdict,
+                    "search_recommendation": conf.recommended, "rule": _rule_text(conf.extra["settings"])},
     )
     out = Path(out)
     return {
@@ -253,15 +243,46 @@ def write_confirmation(result, conf: Confirmation, data: EncodedDataset, out: Pa
     }
 
 
-def log_confirmation(result, conf: Confirmation, files: dict[str, Path]) -> None:
-    """Metrics and tags of the confirmation on the parent run, its files under ``confirm/``."""
+def retrained_recipe(result, s: ConfirmSettings, data: EncodedDataset, cand: Candidate, model: ModelConfig,
+                     expected: dict, provenance: dict):
+    """The Recipe of ``model`` trained as ``cand`` was (its lr; ``s``'s budget; the search's seed), with the search's
+    dataset options and MLflow location; ``provenance`` adds to the search's name and MLflow ids."""
+    from pipelines import TrainConfig
+    from pipelines.recipe import Recipe
+
+    searched = result.extra.get("recipe")  # the search's recipe: the dataset options and MLflow location, typed
+    dataset = dict(searched.dataset) if searched is not None else {
+        k[len("dataset."):]: v for k, v in result.extra["params"].items() if k.startswith("dataset.") and k.count(".") == 1}
+    mlflow_info = dict((searched.provenance.get("mlflow") or {}) if searched is not None else {})
+    mlflow_info.update(experiment_id=result.extra["experiment_id"], parent_run_id=result.parent_run_id,
+                       trial_run_id=cand.run_id)
+    return Recipe(
+        data.features, model,
+        TrainConfig(lr=cand.lr, batch_size=s.batch_size, max_epochs=s.max_epochs, patience=s.patience,
+                    seed=int(result.extra["settings"]["seed"])),
+        dataset={**dataset, "name": data.name, "fingerprint": data.fingerprint},
+        expected=expected,
+        provenance={"search": result.name, **provenance, "mlflow": mlflow_info},
+    )
+
+
+def log_to_parent(result, metrics: dict, tags: dict, files: dict[str, Path]) -> None:
+    """Metrics, tags and the files (under ``confirm/``) on the search's parent run."""
     from mlflow.entities import Metric, RunTag
 
     from . import tracking
 
     c = tracking.client(result.extra["tracking_uri"])
-    row, rec = conf.row(conf.confirmed), conf.row(conf.recommended)
     now = int(time.time() * 1000)
+    c.log_batch(result.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()])
+    for path in files.values():
+        c.log_artifact(result.parent_run_id, str(path), CONFIRM_ARTIFACTS)
+
+
+def log_confirmation(result, conf: Confirmation, files: dict[str, Path]) -> None:
+    """Metrics and tags of the confirmation on the parent run, its files under ``confirm/``."""
+    row, rec = conf.row(conf.confirmed), conf.row(conf.recommended)
     metrics = {
         "confirm_seeds": len(conf.seeds),
         "confirmed_val_auc_mean": row["mean_auc"],
@@ -274,10 +295,7 @@ def log_confirmation(result, conf: Confirmation, files: dict[str, Path]) -> None
     }
     tags = {"confirmed_trial": conf.confirmed, "confirm_verdict": conf.verdict,
             "confirm_challengers": ",".join(conf.challengers) or "none"}
-    c.log_batch(result.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                tags=[RunTag(k, v) for k, v in tags.items()])
-    for path in files.values():
-        c.log_artifact(result.parent_run_id, str(path), CONFIRM_ARTIFACTS)
+    log_to_parent(result, metrics, tags, files)
 
 
 def plan_workers(cands: list[Candidate], seeds: int, cpus: int | None = None, extra: int = 0) -> tuple[int, float]:
@@ -309,17 +327,25 @@ def _train_one(model: ModelConfig, lr: float, seed: int, data: EncodedDataset, s
 
 
 def _ray_map(jobs: list, data: EncodedDataset, s: ConfirmSettings) -> list[dict]:
-    """The retrains as Ray tasks of one CPU each; starts (and stops) a local Ray of ``s.workers`` CPUs if none is
-    running, else uses the running one."""
+    """The retrains as Ray tasks of one CPU each, on a running Ray or a local one of ``s.workers`` CPUs."""
+    import ray
+
+    with local_ray(s.workers):
+        task = ray.remote(num_cpus=1, max_retries=1)(_train_one)
+        ref = ray.put(data)  # once in the object store, not once per task
+        return ray.get([task.remote(c.model, c.lr, seed, ref, s) for c, seed in jobs])
+
+
+@contextlib.contextmanager
+def local_ray(workers: int):
+    """Start (and at the end stop) a local Ray of ``workers`` CPUs, unless one is running: then use it."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=s.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
-        task = ray.remote(num_cpus=1, max_retries=1)(_train_one)
-        ref = ray.put(data)  # once in the object store, not once per task
-        return ray.get([task.remote(c.model, c.lr, seed, ref, s) for c, seed in jobs])
+        yield
     finally:
         if started:
             ray.shutdown()

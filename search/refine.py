@@ -29,6 +29,7 @@ refinement table keeps every proposal (round 0 is the pick) so the steps can be 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -42,7 +43,7 @@ from pipelines import EncodedDataset
 from pipelines.memory import model_bytes
 from pipelines.model import ModelConfig
 
-from .confirm import Candidate, Confirmation, ConfirmSettings, retrain
+from .confirm import Candidate, Confirmation, ConfirmSettings, local_ray, log_to_parent, retrain, retrained_recipe
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, 
                          **{f"dim.{f}": d for f, d in c.model.dims.items()}})
         return out
 
-    ray_started = retrain_fn is retrain and _start_ray(settings)
-    try:
+    # one Ray for all rounds (``retrain`` would start and stop one per round, ~7 s each)
+    parallel = retrain_fn is retrain and settings.workers > 1
+    with local_ray(settings.workers) if parallel else contextlib.nullcontext():
         mean, runs = evaluate(0, {"start": dims})["start"]
         floor = mean - tolerance
         rows[0].update(holds=True, taken=True)
@@ -119,9 +121,7 @@ def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, 
                 if res[label][0] >= floor:
                     take = (label, union, res[label][1], holding)
             if take is None:  # the single halving that saves the most bytes (the others are proposed again)
-                f = max(holding, key=lambda f: (_bytes(data, replace(start.model, dims=dims))
-                                                - _bytes(data, replace(start.model, dims=proposals[f])),
-                                                results[f][0]))
+                f = min(holding, key=lambda f: (_bytes(data, replace(start.model, dims=proposals[f])), -results[f][0]))
                 take = (f, proposals[f], results[f][1], [f])
             label, dims, runs, changed = take
             aucs, best_epochs = [r["auc"] for r in runs], [r["best_epoch"] for r in runs]
@@ -131,11 +131,6 @@ def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, 
                     break
             open_ = [f for f in open_ if dims[f] > 1]
             log.info("refine round %d: halved %s -> %s", round_, ", ".join(changed), dims)
-    finally:
-        if ray_started:
-            import ray
-
-            ray.shutdown()
     steps = pd.DataFrame(rows)
     final = replace(start.model, dims=dims)
     return Refinement(start, dims, float(np.mean(aucs)), float(np.std(aucs, ddof=1)),
@@ -156,40 +151,16 @@ def searched_features(result) -> list[str]:
     return [f.name for f in result.extra["features"] if f.name in names]
 
 
-def _start_ray(settings: ConfirmSettings) -> bool:
-    """One local Ray for all rounds (``retrain`` would start and stop one per round, ~7 s each) when retrains run in
-    parallel and none is running; True when this call started it."""
-    if settings.workers <= 1:
-        return False
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(num_cpus=settings.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    return True
-
-
 def write_refinement(result, conf: Confirmation, ref: Refinement, data: EncodedDataset, out: Path) -> dict[str, Path]:
     """refine.csv (every proposal retrained) and refined.yaml (the refined recipe) in ``out``."""
-    from pipelines import TrainConfig
-    from pipelines.recipe import Recipe, write_atomic
+    from pipelines.recipe import write_atomic
 
-    s: ConfirmSettings = conf.extra["settings"]
-    searched = result.extra.get("recipe")
-    dataset = dict(searched.dataset) if searched is not None else {}
-    mlflow_info = dict((searched.provenance.get("mlflow") or {}) if searched is not None else {})
-    mlflow_info.update(experiment_id=result.extra["experiment_id"], parent_run_id=result.parent_run_id,
-                       trial_run_id=ref.start.run_id)
-    recipe = Recipe(
-        data.features, ref.model,
-        TrainConfig(lr=ref.start.lr, batch_size=s.batch_size, max_epochs=s.max_epochs, patience=s.patience,
-                    seed=int(result.extra["settings"]["seed"])),
-        dataset={**dataset, "name": data.name, "fingerprint": data.fingerprint},
+    recipe = retrained_recipe(
+        result, conf.extra["settings"], data, ref.start, ref.model,
         expected={"val_auc": ref.mean_auc, "val_auc_sd": ref.sd_auc, "seeds": ref.extra["seeds"],
                   "model_bytes": ref.model_bytes, "best_epoch": ref.best_epoch, "floor_val_auc": round(ref.floor, 5)},
-        provenance={"search": result.name, "refined_from": ref.start.trial_id, "confirmed": conf.verdict,
-                    "rule": f"halve each searched dim while the mean val AUC >= {ref.floor:.5f}",
-                    "mlflow": mlflow_info},
+        provenance={"refined_from": ref.start.trial_id, "confirmed": conf.verdict,
+                    "rule": f"halve each searched dim while the mean val AUC >= {ref.floor:.5f}"},
     )
     out = Path(out)
     return {
@@ -200,17 +171,7 @@ def write_refinement(result, conf: Confirmation, ref: Refinement, data: EncodedD
 
 def log_refinement(result, ref: Refinement, files: dict[str, Path]) -> None:
     """The refined AUC and bytes on the parent run, its files under ``confirm/`` beside the confirmation's."""
-    from mlflow.entities import Metric
-
-    from . import tracking
-    from .confirm import CONFIRM_ARTIFACTS
-
-    c = tracking.client(result.extra["tracking_uri"])
-    now = int(time.time() * 1000)
     metrics = {"refined_val_auc_mean": ref.mean_auc, "refined_val_auc_sd": ref.sd_auc,
                "refined_model_bytes": ref.model_bytes, "refine_floor": ref.floor, "refine_seconds": ref.seconds,
                "refine_proposals": len(ref.steps)}
-    c.log_batch(result.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                               if math.isfinite(v)])  # sd is nan... never: k >= 2 seeds
-    for path in files.values():
-        c.log_artifact(result.parent_run_id, str(path), CONFIRM_ARTIFACTS)
+    log_to_parent(result, metrics, {}, files)
