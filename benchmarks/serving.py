@@ -7,7 +7,8 @@ of the source table (strings, ints, multi-valued genre cells). For each batch si
 ``pyfunc.predict`` and the per-row cost split into: encoding (``Encoder.transform``: vocabulary lookups, vectorised
 per column), the model (input layout + forward), and the rest (column checks, MLflow's wrapper, the output frame).
 A per-row Python dict lookup of the same vocabularies is timed too: the vectorised encoder should beat it by a wide
-margin at 10,000 rows, which is what "vectorisation holds" means here.
+margin at 10,000 rows, which is what "vectorisation holds" means here. Frames of up to ``Encoder.SMALL_FRAME`` rows
+(512) are encoded cell by cell, without pandas' per-column overhead: that is what an online request of one row costs.
 
     python benchmarks/serving.py [--data PATH|synthetic] [--seconds 2] [--threads N]
 """

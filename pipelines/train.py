@@ -276,9 +276,11 @@ def build_model(data_features, model_cfg: ModelConfig, sparse: bool = False) -> 
 @torch.inference_mode()
 def predict(model: EmbeddingRecommender, tensors: SplitTensors, batch_size: int = 16384) -> np.ndarray:
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every module: a fifth of a one-row request's time, for a no-op
+        model.eval()
     out = [torch.sigmoid(model(s, b)) for s, b, _ in tensors.batches(batch_size)]
-    model.train(was_training)
+    if was_training:
+        model.train()
     return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
