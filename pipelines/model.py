@@ -226,6 +226,12 @@ class Backprop:
         self.masks = [new(batch_size, w) for w in model.hidden] if self.dropout > 0 else []
         self.z, self.gz = new(batch_size, 1), new(batch_size, 1)
         self._views: dict[int, dict] = {}
+        # C row loops for the lookups and their gradients (``native``; float32 on the CPU), else torch's index ops
+        self.native = None
+        if p.device.type == "cpu" and p.dtype == torch.float32:
+            from .native import kernels
+
+            self.native = kernels()
 
     @torch.no_grad()
     def step(
@@ -243,10 +249,14 @@ class Backprop:
         v = self._views.get(n) or self._make_views(n)
         if self.w0 is not self.layers[0][0]:
             self.w0[:, : self.width].copy_(self.layers[0][0])
-        for table, rows, (out, into) in zip(self.tables, idx, v["lookup"]):
-            torch.index_select(table, 0, rows, out=out)
-            if into is not None:
-                into.copy_(out.view(into.shape))
+        if self.native is not None:  # each table's rows straight into its block of x's columns
+            for table, rows, block, (_, f, _) in zip(self.tables, idx, v["x_blocks"], self.group_cols):
+                self.native.gather(table, rows, block, f)
+        else:
+            for table, rows, (out, into) in zip(self.tables, idx, v["lookup"]):
+                torch.index_select(table, 0, rows, out=out)
+                if into is not None:
+                    into.copy_(out.view(into.shape))
         for table, (values, offsets, _, _), into in zip(self.tables[len(idx) :], bags, v["bag_x"]):
             into.copy_(nn.functional.embedding_bag(values, table, offsets, mode="mean"))
         a = v["x"]
@@ -276,10 +286,14 @@ class Backprop:
             self.grads[0].copy_(self.weight_grads[0][:, : self.width])
         if not self.sparse:
             self.flat_grad.zero_()
-        for k, (rows, (src, source)) in enumerate(zip(idx, v["table_src"])):
-            if source is not None:  # the (now free) lookup buffer gathers the table's columns of gx
-                src.view(source.shape).copy_(source)
-            self._accumulate(k, rows, src)
+        if self.native is not None and not self.sparse:  # each table's block of gx's columns added in place
+            for k, (rows, block, (_, f, _)) in enumerate(zip(idx, v["gx_blocks"], self.group_cols)):
+                self.native.scatter_add(self.table_grads[k], rows, block, f)
+        else:
+            for k, (rows, (src, source)) in enumerate(zip(idx, v["table_src"])):
+                if source is not None:  # the (now free) lookup buffer gathers the table's columns of gx
+                    src.view(source.shape).copy_(source)
+                self._accumulate(k, rows, src)
         for j, ((values, _, value_rows, weight), source) in enumerate(zip(bags, v["bag_gx"])):
             src = source.index_select(0, value_rows).mul_(weight[:, None])  # mean: 1/len per value
             self._accumulate(len(idx) + j, values, src)
@@ -303,6 +317,8 @@ class Backprop:
                 buf = part[: n * f * d].view(n * f, d)
                 v["lookup"].append((buf, x[:, c : c + f * d]))
                 v["table_src"].append((buf, gx[:, c : c + f * d]))
+        v["x_blocks"] = [x[:, c : c + f * d] for c, f, d in self.group_cols]
+        v["gx_blocks"] = [gx[:, c : c + f * d] for c, f, d in self.group_cols]
         v["bag_x"] = [x[:, c : c + d] for c, d in self.bag_cols]
         v["bag_gx"] = [gx[:, c : c + d] for c, d in self.bag_cols]
         self._views[n] = v

@@ -3,8 +3,9 @@
 Where the speed comes from (``benchmarks/throughput.py`` measures it against a standard DataLoader loop):
 every split is held as tensors and batched by slicing chunks gathered in a once-per-epoch permutation (no per-row
 ``Dataset.__getitem__``, no collate, no copy of the dataset per trial); the step is ``model.Backprop``'s
-hand-derived forward/backward into reused buffers (no autograd graph, one fused lookup per embedding dim); the
-update is one fused Adam kernel call; the training loss is computed once per chunk of batches from the logits each
+hand-derived forward/backward into reused buffers (no autograd graph, one fused lookup per embedding dim, the
+lookups and their gradient sums as C row loops where a compiler is at hand: ``native``); the update is one fused Adam
+kernel call; the training loss is computed once per chunk of batches from the logits each
 step left behind.
 """
 from __future__ import annotations
