@@ -258,7 +258,10 @@ class Backprop:
                 if into is not None:
                     into.copy_(out.view(into.shape))
         for table, (values, offsets, _, _), into in zip(self.tables[len(idx) :], bags, v["bag_x"]):
-            into.copy_(nn.functional.embedding_bag(values, table, offsets, mode="mean"))
+            if self.native is not None:
+                self.native.bag_mean(table, values, offsets, into)
+            else:
+                into.copy_(nn.functional.embedding_bag(values, table, offsets, mode="mean"))
         a = v["x"]
         for (_, b), wt, h, mask in zip(self.layers, self.transposed, v["h"], v["masks"]):
             torch.addmm(b, a, wt, out=h)
@@ -294,7 +297,10 @@ class Backprop:
                 if source is not None:  # the (now free) lookup buffer gathers the table's columns of gx
                     src.view(source.shape).copy_(source)
                 self._accumulate(k, rows, src)
-        for j, ((values, _, value_rows, weight), source) in enumerate(zip(bags, v["bag_gx"])):
+        for j, ((values, offsets, value_rows, weight), source) in enumerate(zip(bags, v["bag_gx"])):
+            if self.native is not None and not self.sparse:
+                self.native.bag_mean_scatter_add(self.table_grads[len(idx) + j], values, offsets, source)
+                continue
             src = source.index_select(0, value_rows).mul_(weight[:, None])  # mean: 1/len per value
             self._accumulate(len(idx) + j, values, src)
 

@@ -53,6 +53,38 @@ def test_gather_and_scatter_add_equal_torch_index_ops_on_strided_blocks(rows, ba
     assert torch.allclose(grad, expected, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), lengths=st.lists(st.integers(0, 4), min_size=1, max_size=30), d=st.integers(1, 9),
+       pad=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_bag_mean_and_its_scatter_equal_embedding_bag_and_its_gradient(rows, lengths, d, pad, seed):
+    k = native.kernels()
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(rows, d, generator=g, requires_grad=True)
+    values = torch.randint(0, rows, (sum(lengths),), generator=g)
+    offsets = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # empty bags included: they pool to zeros
+    x = torch.randn(len(lengths), pad + d + 2, generator=g)
+    block = x[:, pad : pad + d]
+    expected = nn.functional.embedding_bag(values, table, offsets, mode="mean")
+    k.bag_mean(table.detach(), values, offsets, block)
+    assert torch.allclose(block, expected, atol=1e-6)
+    upstream = torch.randn(len(lengths), pad + d + 2, generator=g)
+    (expected * upstream[:, pad : pad + d]).sum().backward()
+    grad = torch.zeros(rows, d)
+    k.bag_mean_scatter_add(grad, values, offsets, upstream[:, pad : pad + d])
+    assert torch.allclose(grad, table.grad, atol=1e-5)
+
+
+def test_bag_offsets_out_of_order_or_past_the_values_raise():
+    k = native.kernels()
+    table, x = torch.zeros(5, 2), torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="bag offsets are not increasing within \\[0, 3\\] at bag 1"):
+        k.bag_mean(table, torch.tensor([0, 1, 2]), torch.tensor([0, 2, 1]), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="at bag 0"):
+        k.bag_mean_scatter_add(table, torch.tensor([0, 1, 2]), torch.tensor([0, 4]), x)
+    with pytest.raises(IndexError, match="row index 7 is out of range for a table of 5 rows"):
+        k.bag_mean(table, torch.tensor([0, 7, 2]), torch.tensor([0, 1]), x)
+
+
 def test_an_out_of_range_row_index_raises_instead_of_writing_past_the_table():
     k = native.kernels()
     table, x = torch.zeros(5, 2), torch.zeros(3, 2)
