@@ -68,6 +68,13 @@ def test_search_writes_parent_and_child_runs(searched):
         if run.data.tags["outcome"] == "stopped_early":  # ASHA decides at its rungs (grace 1, eta 2: epochs 1 and 2)
             assert epochs in (1, 2), run.data.tags
         assert run.data.metrics["model_bytes"] > 0
+        assert len(c.get_metric_history(run.info.run_id, "model_bytes")) == 1  # once: it is exact from the config
+        for key in ("val_logloss", "train_loss"):
+            assert len(c.get_metric_history(run.info.run_id, key)) == epochs
+        # the best so far when it improves: increasing, and its latest value is the trial's best
+        best = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "best_val_auc"), key=lambda m: m.step)]
+        assert best == sorted(set(best)) and best[-1] == max(m.value for m in history)
+        assert run.data.metrics["epoch_seconds"] > 0
         assert any(k.startswith("dim.") for k in run.data.params)
     labelled = {r.data.tags.get("heuristic") for r in children} - {None}
     assert labelled == {"sqrt", "half50", "fastai", "google", "mde"}
