@@ -28,8 +28,17 @@ def normalize(values: pd.Series) -> pd.Series:
         out = out.where(values.isna() | whole, values.astype(str))
         return out.where(values.notna(), np.nan)
     out = values.astype(object)
-    missing = out.isna() | (out.astype(str) == "")
-    return out.astype(str).where(~missing, np.nan)
+    spelled = out.map(_spell, na_action="ignore")  # an object column's 196.0 is "196" too (a Python loop: on uniques)
+    missing = out.isna() | (spelled == "")
+    return spelled.where(~missing, np.nan)
+
+
+def _spell(value) -> str:
+    """A present value's category string: a whole float as its int ("196"), inf and floats past int64 as floats."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == math.floor(value) \
+            and abs(value) < 2.0**63:
+        return str(int(value))
+    return str(value)
 
 
 def bucketize(values: pd.Series, edges: tuple[float, ...]) -> pd.Series:
@@ -208,15 +217,15 @@ def _prepare(values: pd.Series, f: Feature) -> pd.Series:
 def _cell_values(values: pd.Series) -> list[str | None]:
     """``normalize`` cell by cell: each cell's category string, None where it is missing."""
     if pd.api.types.is_float_dtype(values):  # numpy scalars: str() spells float32 as pandas does ("0.1")
-        return [None if v != v else str(int(v)) if math.isfinite(v) and v == math.floor(v) and abs(v) < 2.0**63
-                else str(v) for v in values.to_numpy()]
+        return [None if v != v else _spell(v) for v in values.to_numpy()]
     out = []
     for v in values.tolist():
         try:
             missing = bool(pd.isna(v))  # None, NaN, pd.NA, NaT
         except (TypeError, ValueError):  # not a scalar: normalize's isna() calls it present too
             missing = False
-        out.append(None if missing or str(v) == "" else str(v))
+        spelled = None if missing else _spell(v)
+        out.append(spelled or None)  # "" is missing too
     return out
 
 

@@ -35,6 +35,8 @@ def test_normalize_treats_int_float_and_str_alike():
     c = normalize(pd.Series(["196", ""]))
     assert a[0] == b[0] == c[0] == "196"
     assert pd.isna(b[1]) and pd.isna(c[1])
+    mixed = normalize(pd.Series([196.0, "196", 196, 0.5, float("inf"), None, ""], dtype=object))  # an object column
+    assert mixed[:5].tolist() == ["196", "196", "196", "0.5", "inf"] and mixed[5:].isna().all()
 
 
 def test_bucketize_labels_intervals():
@@ -96,7 +98,7 @@ raw_values = st.one_of(
     st.sampled_from([0.5, 2.0, -0.0, 196.0, 1e20, 2.0**63, float("inf")]),
     st.text(alphabet="ab |c1.", max_size=6),
 )
-column_kinds = st.sampled_from(["object", "float64", "float32", "Int64", "int64", "string"])
+column_kinds = st.sampled_from(["object", "float64", "float32", "Int64", "int64", "string", "mixed"])
 
 
 def _typed(values: list, kind: str) -> pd.Series:
@@ -111,6 +113,9 @@ def _typed(values: list, kind: str) -> pd.Series:
                              dtype="string")
     except (TypeError, ValueError, OverflowError):
         pass
+    if kind == "mixed":  # one object column holding ints, floats and strings of the same numbers
+        return pd.Series([v if i % 3 else (float(v) if isinstance(v, int) else str(v) if isinstance(v, float) else v)
+                          for i, v in enumerate(values)], dtype=object)
     return pd.Series(values, dtype=object)
 
 
