@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .download import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 _SOURCE = r"""
@@ -106,8 +108,9 @@ int64_t bag_mean_scatter_add(float *grad, int64_t rows, const int64_t *values, i
 }
 """
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
-_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_void_p, ctypes.c_int64]
+_PTR, _INT = ctypes.c_void_p, ctypes.c_int64
+_ARGS = [_PTR, _INT, _PTR, _INT, _INT, _INT, _PTR, _INT]  # table, rows, idx, n, d, f, x, xs
+_BAG_ARGS = [_PTR, _INT, _PTR, _INT, _PTR, _INT, _INT, _PTR, _INT]  # table, rows, values, m, offsets, n, d, x, xs
 
 
 class RowKernels:
@@ -117,9 +120,9 @@ class RowKernels:
         self._gather, self._scatter = lib.gather_rows, lib.scatter_add_rows
         self._bag_gather, self._bag_scatter = lib.bag_mean_gather, lib.bag_mean_scatter_add
         for fn in (self._gather, self._scatter):
-            fn.argtypes, fn.restype = _ARGS, ctypes.c_int64
+            fn.argtypes, fn.restype = _ARGS, _INT
         for fn in (self._bag_gather, self._bag_scatter):
-            fn.argtypes, fn.restype = [*_ARGS[:3], ctypes.c_int64, ctypes.c_void_p, *_ARGS[3:5], *_ARGS[6:]], ctypes.c_int64
+            fn.argtypes, fn.restype = _BAG_ARGS, _INT
 
     def gather(self, table: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, f: int) -> None:
         """x[b, j*d:(j+1)*d] = table[idx[b*f + j]] for every batch row b and feature j < f."""
@@ -162,10 +165,6 @@ class RowKernels:
             raise IndexError(f"row index {int(idx[bad - 1])} is out of range for a table of {rows} rows")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("EMBSIZE_CACHE") or Path.home() / ".cache" / "embsize").expanduser() / "native"
-
-
 def _cpu_identity() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:
@@ -194,9 +193,10 @@ def kernels() -> RowKernels | None:
     if compiler is None:
         log.info("no C compiler found: the trainer uses torch's index ops (slower on the CPU)")
         return None
+    cache, cpu = default_cache_dir() / "native", _cpu_identity()
     for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):  # not every compiler takes it
-        key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), _cpu_identity()]).encode())
-        target = _cache_dir() / f"rows-{key.hexdigest()[:16]}.so"
+        key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), cpu]).encode())
+        target = cache / f"rows-{key.hexdigest()[:16]}.so"
         try:
             if not target.exists():
                 _build(compiler, flags, target)
