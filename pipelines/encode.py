@@ -2,6 +2,8 @@
 
 Index 0 of every vocabulary is the unknown bucket. It receives, in one documented way:
 values never seen in the training split, values rarer than ``min_freq`` in it, and missing values (NaN/None/"").
+A present value is spelled as one string token (``normalize``): 196, 196.0 and "196" are "196"; a bool is "True" or
+"False" in every column type (as a bool column spells it), never "1" or "0".
 A multi-valued cell is split on its separator; an empty or missing cell becomes the one-element bag ``[0]``.
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ def normalize(values: pd.Series) -> pd.Series:
 
 
 def _spell(value) -> str:
-    """A present value's category string: a whole float as its int ("196"), inf and floats past int64 as floats."""
+    """A present value's category string: a whole float as its int ("196"), inf and floats past int64 as floats,
+    a bool (Python or numpy) as "True"/"False", apart from 1 and 0."""
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == math.floor(value) \
             and abs(value) < 2.0**63:
         return str(int(value))
@@ -140,7 +143,7 @@ class Encoder:
             raise ValueError(f"min_freq is {min_freq}, but must be >= 1")
         vocabs = {}
         for f in features:
-            codes, uniques = pd.factorize(frame[f.name], use_na_sentinel=True)
+            codes, uniques = _factorize(frame[f.name])
             cell_counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
             tokens, token_cells = _unique_tokens(pd.Series(uniques), f)
             weights = pd.Series(cell_counts[token_cells], index=tokens.to_numpy())
@@ -172,7 +175,7 @@ class Encoder:
             if small and not f.buckets:  # bucketed columns keep pd.cut's rules, vectorised
                 out[name] = _encode_cells(frame[name], vocab)
                 continue
-            codes, uniques = pd.factorize(frame[name], use_na_sentinel=True)
+            codes, uniques = _factorize(frame[name])
             codes = codes.astype(np.int64)
             if not f.multi:
                 idx = vocab.lookup(_prepare(pd.Series(uniques), f))
@@ -208,6 +211,30 @@ class Encoder:
             f = Feature(name, bool(v["multi"]), v["sep"], tuple(v["buckets"]) if v.get("buckets") else None)
             vocabs[name] = Vocabulary(f, list(v["categories"]), np.asarray(v["counts"], dtype=np.int64))
         return cls(vocabs)
+
+
+def _factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize`` (NaN -> -1) that never gives a bool the code of a 1 or a 0.
+
+    Its hash table holds True == 1 and False == 0, so an object column's first seen of the two would spell both; they
+    spell apart ("True" vs "1"). Only an object column holding both a bool and a value equal to 0 or 1 is factorized
+    again, its bools on their own; the distinct values stay raw (bucketize reads a bool as a number, as before).
+    """
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    if values.dtype != object or not pd.Index(uniques).isin([0, 1]).any():
+        return codes, uniques
+    cells = values.to_numpy()
+    is_bool = pd.Index(np.fromiter(map(type, cells), dtype=object, count=len(cells))).isin([bool, np.bool_])
+    if not is_bool.any():
+        return codes, uniques
+    rest_codes, rest = pd.factorize(cells[~is_bool], use_na_sentinel=True)
+    bool_codes, bools = pd.factorize(cells[is_bool], use_na_sentinel=True)
+    codes = np.empty(len(cells), dtype=rest_codes.dtype)
+    codes[~is_bool] = rest_codes
+    codes[is_bool] = bool_codes + len(rest)
+    uniques = np.empty(len(rest) + len(bools), dtype=object)
+    uniques[: len(rest)], uniques[len(rest) :] = rest, bools
+    return codes, uniques
 
 
 def _prepare(values: pd.Series, f: Feature) -> pd.Series:

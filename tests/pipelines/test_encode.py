@@ -39,6 +39,30 @@ def test_normalize_treats_int_float_and_str_alike():
     assert mixed[:5].tolist() == ["196", "196", "196", "0.5", "inf"] and mixed[5:].isna().all()
 
 
+def test_bools_spell_apart_from_ints_whatever_comes_first():
+    assert normalize(pd.Series([True, False])).tolist() == ["True", "False"]  # a bool column's spelling, kept
+    assert normalize(pd.Series([True, False, None], dtype="boolean")).tolist()[:2] == ["True", "False"]
+    feats = (Feature("s"), Feature("m", multi=True))
+    cases = [
+        ([True, 1, 0, False, "x"], ["True", "1", "0", "False", "x"]),
+        ([1, True, False, 0, "x"], ["1", "True", "False", "0", "x"]),
+        ([np.True_, 1.0, 0, np.False_, "x"], ["True", "1", "0", "False", "x"]),
+    ]
+    for cells, tokens in cases:
+        column = pd.Series(cells, dtype=object)  # pd.factorize holds True == 1 and False == 0
+        frame = pd.DataFrame({"s": column, "m": column})
+        enc = Encoder.fit(frame, feats)
+        s = enc.vocabs["s"]
+        assert s.categories == ["0", "1", "False", "True", "x"] and s.counts.tolist() == [0, 1, 1, 1, 1, 1], cells
+        vectorised = Encoder(enc.vocabs)
+        vectorised.SMALL_FRAME = -1
+        want = [s.code(t) for t in tokens]
+        for out in (vectorised.transform(frame), enc.transform(frame)):  # both paths
+            assert out["s"].values.tolist() == out["m"].values.tolist() == want, cells
+        bools = pd.DataFrame({"s": [True, False], "m": [True, False]})  # a bool column's cells mean the same
+        assert enc.transform(bools)["s"].values.tolist() == [s.code("True"), s.code("False")]
+
+
 def test_bucketize_labels_intervals():
     out = bucketize(pd.Series([10, 18, 30, 70, None]), (18, 25, 60))
     assert out.tolist()[:4] == ["<18", "[18, 25)", "[25, 60)", ">=60"]
@@ -97,6 +121,7 @@ raw_values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=64).filter(lambda v: v != v or abs(v) < 1e300),
     st.sampled_from([0.5, 2.0, -0.0, 196.0, 1e20, 2.0**63, float("inf")]),
     st.text(alphabet="ab |c1.", max_size=6),
+    st.sampled_from([True, False, np.True_, np.False_, 0, 1, 1.0]),  # bools beside the ints they equal in Python
 )
 column_kinds = st.sampled_from(["object", "float64", "float32", "Int64", "int64", "string", "mixed"])
 
