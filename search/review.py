@@ -29,7 +29,6 @@ from .space import DIM_PREFIX, hidden_layers
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_PAGE = 1000  # MLflow's search_runs page size
 
 
 @dataclass(frozen=True)
@@ -67,18 +66,6 @@ def find_parent(c, run: str, experiment: str = "embsize"):
     return runs[0]
 
 
-def child_runs(c, parent) -> list:
-    """The parent's nested trial runs, oldest first (the order in which Ray started them)."""
-    out, token = [], None
-    while True:
-        page = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                             max_results=_PAGE, order_by=["attributes.start_time ASC"], page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
 def load_review(run: str, tracking_uri: str | None = None, experiment: str = "embsize") -> SearchResult:
     """The finished search ``run`` as a ``SearchResult`` built from MLflow only (see the module docstring).
 
@@ -96,7 +83,7 @@ def load_review(run: str, tracking_uri: str | None = None, experiment: str = "em
     name = parent.data.tags.get("embsize.name") or params.get("search.name") or parent.info.run_name
     recipe = _recipe(c, parent.info.run_id)
     features = recipe.features if recipe is not None else _features(params)
-    children = child_runs(c, parent)
+    children = tracking.child_runs(c, parent.info.experiment_id, parent.info.run_id)
     if not children:
         raise ValueError(f"search '{name}' (run {parent.info.run_id}) has no trial runs; it did not get to train")
     fixed = _fixed(c, parent.info.run_id, recipe, children)

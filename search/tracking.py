@@ -80,16 +80,20 @@ def find_search_run(c, experiment_id: str, name: str):
 
 
 def child_runs(c, experiment_id: str, parent_run_id: str) -> list:
-    """Every trial run of a search (all pages)."""
+    """Every trial run of a search (all pages), oldest first (the order in which Ray started them).
+
+    Only trial runs (tagged ``trial_id``): ``embsize train --config`` nests its production run under the search's
+    parent run too, so that it shows beside the trials in the MLflow UI, but it is not one of them.
+    """
     from mlflow.store.entities.paged_list import PagedList
 
     runs, token = [], None
     while True:
         page: PagedList = c.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000,
-            page_token=token,
+            order_by=["attributes.start_time ASC"], page_token=token,
         )
-        runs.extend(page)
+        runs.extend(r for r in page if r.data.tags.get("trial_id"))
         token = page.token
         if not token:
             return runs

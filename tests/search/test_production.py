@@ -85,6 +85,27 @@ def test_final_run_links_to_the_search_and_registers_the_model(searched, shipped
 
 
 @pytest.mark.slow
+def test_search_still_reviews_after_a_final_run_nested_under_it(searched, shipped, capsys):
+    """The production run sits under the search's parent run; review, report and confirm read trials only."""
+    from search.review import load_review
+    from search.tracking import child_runs
+
+    tmp, uri, _, _, result = searched
+    _, out = shipped
+    c = MlflowClient(uri)
+    parent = c.get_run(result.parent_run_id)
+    nested = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert out["run_id"] in {r.info.run_id for r in nested}  # the production run is nested under the search
+    trials = child_runs(c, parent.info.experiment_id, result.parent_run_id)
+    assert sorted(r.info.run_id for r in trials) == sorted(t["run_id"] for t in result.trials)
+    review = load_review(result.parent_run_id, uri)
+    assert sorted(t["trial_id"] for t in review.trials) == sorted(t["trial_id"] for t in result.trials)
+    assert review.recommended["trial_id"] == result.recommended["trial_id"]
+    assert main(["report", result.parent_run_id, "--tracking-uri", uri, "--out", str(tmp / "report")]) == 0
+    assert "could not convert" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_registered_pyfunc_scores_like_the_in_process_model(searched, shipped):
     _, uri, raw, _, _ = searched
     final, out = shipped
