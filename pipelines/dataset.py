@@ -77,6 +77,9 @@ def prepare(
     train, val, test = full.take(train_rows), full.take(val_rows), full.take(test_rows)
     if train.label.min() == train.label.max():
         raise ValueError(f"the training split of '{raw.name}' has a constant label; give data with both classes")
+    if val.label.min() == val.label.max():  # validation AUC, what every trial is judged by, would be undefined
+        raise ValueError(f"the validation split of '{raw.name}' ({len(val_rows)} of {len(raw)} rows) holds one label "
+                         "class only, so its AUC is undefined; give more rows (e.g. --rows 1000)")
     features = tuple(FeatureInfo(f.name, f.multi, encoder.vocabs[f.name].size) for f in raw.features)
     return EncodedDataset(raw.name, features, encoder, train, val, test, fingerprint(encoder, (train, val, test)), raw.meta)
 

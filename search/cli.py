@@ -145,6 +145,8 @@ def cmd_search(args) -> int:
         raise UsageError(f"--reduction-factor is {args.reduction_factor}, but must be > 1")
     if args.name:
         check_name(args.name)
+    if not args.experiment.strip():
+        raise UsageError("--experiment is empty; name the MLflow experiment, e.g. --experiment embsize (the default)")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     out_dir = Path(args.output_dir).resolve()
     _check_writable(out_dir)

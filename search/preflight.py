@@ -53,8 +53,20 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def check_tracking(uri: str, timeout: float = TIMEOUT) -> None:
+def check_tracking(uri: str, timeout: float = TIMEOUT, existing: bool = False) -> None:
+    """The store answers (a server or database) or can be written (a SQLite file). ``existing``: a command that only
+    reads runs (report, confirm) needs a SQLite store that exists, and must not create an empty one."""
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("", "file") and _mlflow_major() >= 3:
+        folder = urlsplit(uri).path if scheme else uri
+        raise ValueError(f"tracking URI '{redact(uri)}' is a folder, MLflow's file store, which MLflow 3 no longer "
+                         f"opens; pass --tracking-uri sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'} "
+                         "(`mlflow migrate-filestore` converts an existing one)")
+    if existing and scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:" and not Path(path).expanduser().is_file():
+            raise ValueError(f"no MLflow store at '{path}' (tracking URI '{redact(uri)}'); run `embsize search` "
+                             "here first, or pass the --tracking-uri the search used")
     if scheme in ("http", "https"):
         _within(timeout, lambda: _http_answers(uri, timeout), f"tracking server '{redact(uri)}'",
                 "start the server or pass a reachable --tracking-uri")
@@ -62,14 +74,32 @@ def check_tracking(uri: str, timeout: float = TIMEOUT) -> None:
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
         if path and path != ":memory:":
             _check_store_path(Path(path), uri)
-    elif scheme in ("", "file"):
+    elif scheme in ("", "file"):  # MLflow 2's file store
         _check_store_path(Path(urlsplit(uri).path if scheme else uri), uri)
     elif scheme.split("+")[0] in DB_PORTS:
         parts = urlsplit(uri)
         host, port = parts.hostname or "localhost", parts.port or DB_PORTS[scheme.split("+")[0]]
         _within(timeout, lambda: _connect(host, port, timeout), f"tracking database '{redact(uri)}'",
                 "start the database or pass a reachable --tracking-uri")
-    # other schemes (databricks, ...) are checked by MLflow itself when the search opens its run
+    elif scheme not in _mlflow_schemes():
+        raise ValueError(f"tracking URI '{redact(uri)}' has scheme '{scheme}', for which MLflow has no store; pass "
+                         "sqlite:///PATH, http(s)://HOST:PORT or postgresql://..., or install the MLflow plugin "
+                         "that provides it")
+    # other schemes MLflow knows (databricks, ...) are checked by MLflow itself when the search opens its run
+
+
+def _mlflow_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("mlflow").split(".")[0])
+
+
+def _mlflow_schemes() -> set[str]:
+    """The URI schemes MLflow's tracking-store registry serves, plugins included (imported only for a scheme not
+    handled above: importing MLflow takes a second)."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # no public accessor
+
+    return set(_tracking_store_registry._registry)
 
 
 def check_ray_address(address: str | None, timeout: float = TIMEOUT) -> None:

@@ -208,7 +208,7 @@ def train_recipe(args) -> int:
     """`embsize train --config FILE`: the CLI's side (prints; errors are ValueError -> one line, exit 2)."""
     from pipelines import prepare
 
-    from . import tracking
+    from . import preflight, tracking
     from .cli import _raw
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step in the terminal
@@ -217,15 +217,18 @@ def train_recipe(args) -> int:
         raise ValueError("--dims conflicts with --config (the config fixes the dims); drop one of them")
     if args.register is not None and not args.register.strip():
         raise ValueError("--register got an empty name; give the registered model a name, e.g. --register recsys")
+    if args.register is not None:
+        _check_model_name(args.register)
     if args.export:
         _check_export_dir(Path(args.export))
+    uri = _tracking_uri(args.tracking_uri, recipe)
+    preflight.check_tracking(uri)  # before the data and the training: an unreachable store fails in seconds
     raw = _raw(args)
     data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
     warning = check_data(recipe, data)
     print(data.summary())
     if warning:
         print(f"embsize: warning: {warning}", file=sys.stderr)
-    uri = _tracking_uri(args.tracking_uri, recipe)
     epochs, why = final_epochs(recipe, tracking.client(uri))
     print("dims: " + ", ".join(f"{k}={v}" for k, v in recipe.model.dims.items()))
     print(f"training on train+validation ({len(data.train) + len(data.val)} rows) for {epochs} epochs: {why}")
@@ -255,6 +258,19 @@ def _tracking_uri(given: str | None, recipe: Recipe) -> str:
     if searched.startswith("sqlite:///") and Path(searched[len("sqlite:///"):]).is_file():
         return searched
     return tracking.resolve_tracking_uri(None)
+
+
+def _check_model_name(name: str) -> None:
+    """MLflow's own rule for registered model names, applied before training rather than after it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name  # no public validator
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as e:
+        rule = e.message.split(". ", 1)[-1].strip().rstrip(".")  # "Names cannot contain '/' or ':'"
+        raise ValueError(f"--register '{name}' is not a valid MLflow model name: {rule}; choose another, "
+                         "e.g. --register recsys") from None
 
 
 def _check_export_dir(target: Path) -> None:

@@ -109,6 +109,16 @@ CASES = [
     (["search", *SMALL, "--tracking-uri", "http://127.0.0.1:{closed}"], "does not answer"),
     (["search", *SMALL, "--tracking-uri", "http://u:pw@no-such-host.invalid:5000"], "pass a reachable --tracking-uri"),
     (["search", *SMALL, "--tracking-uri", "sqlite:////proc/embsize/mlflow.db"], "pass a writable --tracking-uri"),
+    (["search", *SMALL, "--tracking-uri", "bogus://x"], "has scheme 'bogus', for which MLflow has no store"),
+    (["search", *SMALL, "--tracking-uri", "./mytrack"], "is a folder, MLflow's file store"),
+    (["search", *SMALL, "--experiment", ""], "--experiment is empty"),
+    (["search", "--rows", "10"], "holds one label class only, so its AUC is undefined; give more rows"),
+    (["report", "any", "--tracking-uri", "http://127.0.0.1:{closed}"], "does not answer"),
+    (["report", "any"], "no MLflow store at"),  # and no empty store created by asking
+    (["report", "any", "--tracking-uri", "bogus://x"], "for which MLflow has no store"),
+    (["report", "any", "--out", "{a_file}"], "cannot be a folder here"),
+    (["confirm", "any", "--tracking-uri", "http://127.0.0.1:{closed}"], "does not answer"),
+    (["confirm", "any", "--out", "/proc/embsize-confirm"], "is not writable); choose another --out"),
     (["search", *SMALL, "--address", "127.0.0.1:{closed}"], "Ray cluster at '127.0.0.1:"),
     (["search", *SMALL, "--address", "not-an-address"], "is not HOST:PORT"),
     # output folder

@@ -103,8 +103,33 @@ def test_check_tracking_sqlite_store_is_checked_without_creating_it(tmp_path):
 def test_check_tracking_refuses_an_unwritable_store():
     with pytest.raises(ValueError, match="is not writable"):
         check_tracking("sqlite:////proc/embsize/mlflow.db")  # /proc refuses new files, even to root
-    with pytest.raises(ValueError, match="is not writable"):
-        check_tracking("/proc/embsize-mlruns")
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "/tmp/embsize-mlruns", "file:///tmp/embsize-mlruns"])
+def test_check_tracking_refuses_a_file_store_mlflow_3_cannot_open(uri):
+    import mlflow
+
+    if int(mlflow.__version__.split(".")[0]) < 3:
+        pytest.skip("MLflow 2 still opens its file store")
+    with pytest.raises(ValueError, match=r"is a folder, MLflow's file store.* --tracking-uri sqlite:///.*/mlflow\.db"):
+        check_tracking(uri)
+
+
+def test_check_tracking_refuses_a_scheme_mlflow_has_no_store_for():
+    with pytest.raises(ValueError, match=r"has scheme 'bogus', for which MLflow has no store; pass sqlite:///PATH"):
+        check_tracking("bogus://host/x")
+    check_tracking("databricks://profile")  # known to MLflow: left to it
+
+
+def test_check_tracking_existing_needs_the_sqlite_store_and_creates_none(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    check_tracking(uri)  # a search may create it
+    with pytest.raises(ValueError, match=r"no MLflow store at .*run `embsize search` here first"):
+        check_tracking(uri, existing=True)  # report/confirm only read runs
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mlruns").mkdir()
+    (tmp_path / "mlruns" / "mlflow.db").write_bytes(b"")
+    check_tracking(uri, existing=True)
 
 
 def test_check_tracking_database_store_is_connected_to():

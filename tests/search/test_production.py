@@ -238,3 +238,14 @@ def test_cli_train_config_refuses_bad_input_with_one_line(tmp_path, capsys):
     (taken / "notes.txt").write_text("keep")
     assert main(["train", "--config", str(other), "--export", str(taken)]) == 2
     assert "is not an embsize export" in _one_error_line(capsys)
+    # refused before the data is loaded or a model trained: nothing is written, however long training would take
+    for args, fragment in (
+        (["--register", "bad/name"], "--register 'bad/name' is not a valid MLflow model name: Names cannot contain"),
+        (["--tracking-uri", f"http://127.0.0.1:{free_port()}"], "does not answer"),
+        (["--tracking-uri", "bogus://x"], "has scheme 'bogus'"),
+    ):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        started = time.perf_counter()
+        assert main(["train", "--config", str(other), *args]) == 2
+        assert fragment in _one_error_line(capsys)
+        assert time.perf_counter() - started < 15 and sorted(p.name for p in tmp_path.iterdir()) == before
