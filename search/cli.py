@@ -149,10 +149,19 @@ def cmd_search(args) -> int:
         raise UsageError("--experiment is empty; name the MLflow experiment, e.g. --experiment embsize (the default)")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     out_dir = Path(args.output_dir).resolve()
-    _check_writable(out_dir)
+    check_writable(out_dir)
     uri = preflight.resolve_tracking_uri(args.tracking_uri)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     preflight.check(uri, address)  # before torch, Ray and the data load: an unreachable service fails in seconds
+    if args.storage_path and "://" not in args.storage_path:
+        check_writable(Path(args.storage_path), "Ray Tune storage", "--storage-path")
+    if address is None:  # the local Ray's resources are known before it starts: a trial that cannot fit is refused
+        import torch     # before anything is written (on a cluster, check_cluster does this once connected)
+
+        from .cluster import check_fits
+
+        local = {"CPU": float(args.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        check_fits([{"Resources": local}], args.cpus_per_trial, args.gpus_per_trial)
 
     from . import resume
     from .runner import NoTrialCompleted, SearchSettings, run_search
@@ -249,14 +258,17 @@ def _spec_overrides(spec, args):
         raise UsageError(str(e)) from None
 
 
-def _check_writable(out_dir: Path) -> None:
+def check_writable(folder: Path, what: str = "output directory", flag: str = "--output-dir") -> None:
+    """``folder`` exists and takes files, or can be made: refused before any work (its nearest existing parent is
+    tried, nothing is created)."""
     from .preflight import writable_folder
 
-    probe = out_dir
+    folder = Path(folder).expanduser().resolve()
+    probe = folder
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not writable_folder(probe):
-        raise UsageError(f"output directory '{out_dir}' is not writable; choose another with --output-dir")
+        raise UsageError(f"{what} '{folder}' is not writable; choose another with {flag}")
 
 
 class _Progress:

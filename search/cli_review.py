@@ -44,17 +44,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _review(args):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the terminal to the report
-    from .preflight import check_tracking, resolve_tracking_uri, writable_folder
+    from .cli import check_writable
+    from .preflight import check_tracking, resolve_tracking_uri
     from .review import load_review
 
-    if args.out:  # refused before any work, as a file in the way or a folder that cannot be made
-        out = Path(args.out).expanduser().resolve()
-        probe = out
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir() or not writable_folder(probe):
-            raise ValueError(f"--out '{args.out}' cannot be a folder here ('{probe}' is "
-                             f"{'a file' if not probe.is_dir() else 'not writable'}); choose another --out")
+    if args.out:
+        check_writable(Path(args.out), f"{args.command} folder", "--out")
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(uri, existing=True)  # an unreachable server fails in seconds, not after MLflow's minutes of retries
     return load_review(args.run, uri, args.experiment)

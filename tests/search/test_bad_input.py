@@ -116,9 +116,12 @@ CASES = [
     (["report", "any", "--tracking-uri", "http://127.0.0.1:{closed}"], "does not answer"),
     (["report", "any"], "no MLflow store at"),  # and no empty store created by asking
     (["report", "any", "--tracking-uri", "bogus://x"], "for which MLflow has no store"),
-    (["report", "any", "--out", "{a_file}"], "cannot be a folder here"),
+    (["report", "any", "--out", "{a_file}"], "is not writable; choose another with --out"),
     (["confirm", "any", "--tracking-uri", "http://127.0.0.1:{closed}"], "does not answer"),
-    (["confirm", "any", "--out", "/proc/embsize-confirm"], "is not writable); choose another --out"),
+    (["confirm", "any", "--out", "/proc/embsize-confirm"], "confirm folder '/proc/embsize-confirm' is not writable"),
+    (["search", *SMALL, "--cpus-per-trial", "64"], "--cpus-per-trial is 64, but the largest Ray node has"),
+    (["search", *SMALL, "--gpus-per-trial", "1"], "--gpus-per-trial is 1, but the largest Ray node has 0 GPUs"),
+    (["search", *SMALL, "--storage-path", "/proc/embsize-ray"], "Ray Tune storage '/proc/embsize-ray' is not writable"),
     (["search", *SMALL, "--address", "127.0.0.1:{closed}"], "Ray cluster at '127.0.0.1:"),
     (["search", *SMALL, "--address", "not-an-address"], "is not HOST:PORT"),
     # output folder
