@@ -41,7 +41,18 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rows", type=int, help="rows of the synthetic dataset (default 100000)")
     g.add_argument("--split", choices=("random", "temporal"), default="random")
     g.add_argument("--min-freq", type=int, default=1, help="values seen fewer times in training map to unknown (0)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0, help="split, init and sampler seed, an integer >= 0")
+
+
+def _seed(text: str) -> int:
+    """--seed: numpy's generators take only integers >= 0; said here with the flag's name rather than by numpy."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:  # argparse prefixes "argument --seed: "
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer >= 0; give one, e.g. --seed 1")
+    return value
 
 
 def _raw(args):

@@ -276,9 +276,12 @@ def _check_model_name(name: str) -> None:
 def _check_export_dir(target: Path) -> None:
     from pipelines.export import MANIFEST
 
+    from .cli import check_writable
+
     target = target.expanduser().resolve()
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
         raise ValueError(f"--export directory '{target}' exists and is not an embsize export; choose a new directory")
+    check_writable(target, "--export directory", "--export")  # before training, not after it
 
 
 def _run_or_none(c, run_id: str | None):

@@ -102,6 +102,8 @@ CASES = [
     (["confirm", "any", "--refine-tolerance", "0.01"], "without --refine; add --refine or drop it"),
     (["search", "--max-concurrent", "0"], "--max-concurrent is 0"),
     (["search", "--trials", "many"], "invalid int value: 'many'"),
+    (["search", "--seed", "-1"], "argument --seed: '-1' is not an integer >= 0"),
+    (["train", "--seed", "x"], "argument --seed: 'x' is not an integer >= 0"),
     (["search", "--name", "../escape"], "is not a plain name"),
     (["search", "--resume", "never-ran"], "no search named 'never-ran'"),
     (["search", "--resume", "a", "--name", "b"], "name different searches"),

@@ -243,6 +243,7 @@ def test_cli_train_config_refuses_bad_input_with_one_line(tmp_path, capsys):
         (["--register", "bad/name"], "--register 'bad/name' is not a valid MLflow model name: Names cannot contain"),
         (["--tracking-uri", f"http://127.0.0.1:{free_port()}"], "does not answer"),
         (["--tracking-uri", "bogus://x"], "has scheme 'bogus'"),
+        (["--export", "/proc/embsize-export"], "--export directory '/proc/embsize-export' is not writable"),
     ):
         before = sorted(p.name for p in tmp_path.iterdir())
         started = time.perf_counter()
