@@ -166,6 +166,8 @@ def cmd_search(args) -> int:
     preflight.check(uri, address)  # before torch, Ray and the data load: an unreachable service fails in seconds
     if args.storage_path and "://" not in args.storage_path:
         check_writable(Path(args.storage_path), "Ray Tune storage", "--storage-path")
+    elif args.storage_path:
+        preflight.check_storage_uri(args.storage_path)
     if address is None:  # the local Ray's resources are known before it starts: a trial that cannot fit is refused
         import torch     # before anything is written (on a cluster, check_cluster does this once connected)
 

@@ -102,6 +102,19 @@ def _mlflow_schemes() -> set[str]:
     return set(_tracking_store_registry._registry)
 
 
+def check_storage_uri(uri: str, timeout: float = TIMEOUT) -> None:
+    """A remote Ray Tune storage path (``s3://bucket/dir``, ``gs://...``) answers: its filesystem (pyarrow's, as Ray
+    Tune uses) can look the path up. Absent is fine (Tune creates it); no answer or no access is not."""
+    def probe() -> None:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        fs.get_file_info(path)
+
+    _within(timeout, probe, f"Ray Tune storage '{redact(uri)}'",
+            "check the bucket, its credentials and endpoint, or pass --storage-path a folder every node mounts")
+
+
 def check_ray_address(address: str | None, timeout: float = TIMEOUT) -> None:
     """``HOST:PORT`` or ``ray://HOST:PORT``: a TCP connect; ``auto``: Ray's own lookup of a running local cluster,
     then a connect to it; None or ``local``: nothing (a new local Ray is started)."""

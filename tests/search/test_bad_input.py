@@ -123,6 +123,8 @@ CASES = [
     (["confirm", "any", "--out", "/proc/embsize-confirm"], "confirm folder '/proc/embsize-confirm' is not writable"),
     (["search", *SMALL, "--cpus-per-trial", "64"], "--cpus-per-trial is 64, but the largest Ray node has"),
     (["search", *SMALL, "--gpus-per-trial", "1"], "--gpus-per-trial is 1, but the largest Ray node has 0 GPUs"),
+    (["search", *SMALL, "--storage-path", "s3://no-bucket/dir?endpoint_override=127.0.0.1:{closed}&scheme=http"],
+     "Ray Tune storage 's3://no-bucket/dir?endpoint_override=127.0.0.1:"),
     (["search", *SMALL, "--storage-path", "/proc/embsize-ray"], "Ray Tune storage '/proc/embsize-ray' is not writable"),
     (["search", *SMALL, "--address", "127.0.0.1:{closed}"], "Ray cluster at '127.0.0.1:"),
     (["search", *SMALL, "--address", "not-an-address"], "is not HOST:PORT"),
