@@ -37,13 +37,13 @@ def load(
     """Load ``source`` (see ``describe_sources``); options that do not apply to its kind are refused, not ignored."""
     if source == "synthetic":
         _refuse("synthetic", label=label, features=features, multi=multi, threshold=threshold, time=time,
-                buckets=buckets, delimiter=delimiter)
+                buckets=buckets, delimiter=delimiter, sep=None if sep == "|" else sep)
         spec = SyntheticSpec(seed=seed) if synthetic_rows is None else SyntheticSpec(rows=synthetic_rows, seed=seed)
         return generate(spec)
     if synthetic_rows is not None:
         raise ValueError(f"--rows {synthetic_rows} applies only to --data synthetic; drop it for '{source}'")
     if source in MOVIELENS_SOURCES:
-        return _movielens(source, label, features, multi, threshold, time, buckets, delimiter)
+        return _movielens(source, label, features, multi, threshold, time, buckets, delimiter, sep)
     if source.startswith("movielens-") and not any(c in source for c in "./\\") and not Path(source).exists():
         known = ", ".join(MOVIELENS_SOURCES)
         raise ValueError(f"data source '{source}' is not known; the MovieLens sources are {known}")
@@ -60,7 +60,7 @@ def load(
             )
         return load_table(path, label, list(features), list(multi or ()), sep, threshold, time, buckets, delimiter)
     if path.is_dir() or path.suffix.lower() == ".zip":
-        return _movielens(path, label, features, multi, threshold, time, buckets, delimiter)
+        return _movielens(path, label, features, multi, threshold, time, buckets, delimiter, sep)
     raise ValueError(
         f"data path '{path}' is neither a MovieLens folder/zip nor a table; table formats: {supported_formats()}"
     )
@@ -86,9 +86,10 @@ def _movielens(
     time: str | None,
     buckets: dict[str, tuple[float, ...]] | None,
     delimiter: str | None,
+    sep: str = "|",
 ) -> RawDataset:
     """A MovieLens folder/zip, or a source name whose official archive is fetched (after the options are checked)."""
-    _refuse(str(where), label=label, multi=multi, time=time, delimiter=delimiter)
+    _refuse(str(where), label=label, multi=multi, time=time, delimiter=delimiter, sep=None if sep == "|" else sep)
     path = fetch_movielens(MOVIELENS_SOURCES[where]) if isinstance(where, str) else where
     raw = load_movielens(path, threshold=MOVIELENS_THRESHOLD if threshold is None else threshold)
     return _select(raw, features, buckets)
@@ -116,12 +117,13 @@ def _select(
 
 
 _FLAGS = {"label": "--label", "features": "--features", "multi": "--multi", "threshold": "--positive-threshold",
-          "time": "--time-column", "buckets": "bucket edges", "delimiter": "--delimiter"}
+          "time": "--time-column", "buckets": "bucket edges", "delimiter": "--delimiter", "sep": "--sep"}
 _WHY = {
     "label": "its label is rating >= --positive-threshold",
     "multi": "its genres are already multi-valued",
     "time": "its rows carry the rating timestamp",
     "delimiter": "its files have a fixed format",
+    "sep": "its genres are split by the loader",
 }
 
 

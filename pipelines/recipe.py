@@ -67,7 +67,8 @@ class Recipe:
     def load(cls, path: str | Path) -> Recipe:
         p = Path(path).resolve()
         if not p.is_file():
-            raise ValueError(f"config file '{p}' does not exist; give the recommended.yaml written by `embsize search`")
+            what = "is a folder" if p.is_dir() else "does not exist"
+            raise ValueError(f"config file '{p}' {what}; give the recommended.yaml written by `embsize search`")
         try:
             d = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

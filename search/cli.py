@@ -96,8 +96,9 @@ def cmd_train(args) -> int:
         from .production import train_recipe
 
         return train_recipe(args)
-    if args.register or args.export:
-        raise UsageError("--register and --export need --config (a recommended.yaml from `embsize search`)")
+    if args.register or args.export or args.tracking_uri or args.experiment:
+        raise UsageError("--register, --export, --tracking-uri and --experiment need --config (a recommended.yaml "
+                         "from `embsize search`); train without it logs nothing to MLflow")
     data, _ = _load(args)
     dims = parse_dims(args.dims or "")
     unknown = sorted(set(dims) - set(data.feature_names))

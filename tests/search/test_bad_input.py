@@ -44,6 +44,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, text in specs.items():
         (d / name).write_text(text)
     (d / "a_file").write_text("x")
+    (d / "a_dir").mkdir()
     return {p.name: str(p) for p in d.iterdir()}
 
 
@@ -83,6 +84,9 @@ CASES = [
     (["search", *SMALL, "--spec", "{unknown_feature.yaml}"], "unknown feature 'nosuch'; known features"),
     (["search", *SMALL, "--spec", "{pin_and_range.yaml}"], "give either a pin or a range"),
     (["train", *SMALL, "--dims", "user_id=0"], "dim for 'user_id' is 0, but must be >= 1"),
+    (["train", *SMALL, "--tracking-uri", "sqlite:///x.db"], "need --config"),
+    (["train", "--config", "{a_dir}"], "is a folder; give the recommended.yaml"),
+    (["search", *SMALL, "--sep", ";"], "--sep does not apply to data source 'synthetic'"),
     # the search spec: YAML, unknown keys, wrong types
     (["search", *SMALL, "--spec", "{invalid.yaml}"], "is not valid YAML at line"),
     (["search", *SMALL, "--spec", "{missing.yaml}"], "does not exist; check the --spec path"),
