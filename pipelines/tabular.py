@@ -73,6 +73,8 @@ def load_table(
             frame = _read_csv(path, needed, delim, text=[f for f in features if f not in buckets])
         except pd.errors.EmptyDataError as e:
             raise ValueError(f"table file '{path}' is empty; give a file with a header row") from e
+    if len(frame) == 0:
+        raise ValueError(f"table file '{path}' has a header but no data rows; give a file with rows")
     y = binarize_label(frame[label], LabelRule(label, threshold))
     for name in features:
         _check_learnable(frame[name], name, name in buckets)

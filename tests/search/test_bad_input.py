@@ -27,6 +27,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     ok.assign(y=1).to_csv(d / "constant.csv", index=False)
     ok.assign(y=[0, 1, None, 1] * 10).to_csv(d / "holes.csv", index=False)
     (d / "empty.csv").write_text("")
+    (d / "header.csv").write_text("user,item,y\n")
     (d / "notes.txt").write_text("hello")
     (d / "table.json").write_text("{}")
     (d / "broken.parquet").write_bytes(b"not a parquet file")
@@ -59,6 +60,7 @@ CASES = [
     (["search", "--data", "{notes.txt}", "--label", "y", "--features", "a"], "column 'a' is not in 'notes.txt'"),
     (["search", "--data", "{table.json}", *CSV], "nor a table; table formats: .csv"),
     (["search", "--data", "{empty.csv}", *CSV], "is empty; give a file with a header row"),
+    (["search", "--data", "{header.csv}", *CSV], "has a header but no data rows"),
     (["search", "--data", "{broken.parquet}", *CSV], "Parquet magic bytes not found"),
     (["search", "--data", "{semi.csv}", "--delimiter", ",", *CSV], "pass --delimiter ';'"),
     (["search", "--data", "{ok.csv}", "--delimiter", ";", *CSV], "--delimiter"),
