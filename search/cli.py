@@ -161,12 +161,12 @@ def cmd_search(args) -> int:
         raise UsageError("--experiment is empty; name the MLflow experiment, e.g. --experiment embsize (the default)")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     out_dir = Path(args.output_dir).resolve()
-    check_writable(out_dir)
+    preflight.check_writable(out_dir)
     uri = preflight.resolve_tracking_uri(args.tracking_uri)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     preflight.check(uri, address)  # before torch, Ray and the data load: an unreachable service fails in seconds
     if args.storage_path and "://" not in args.storage_path:
-        check_writable(Path(args.storage_path), "Ray Tune storage", "--storage-path")
+        preflight.check_writable(Path(args.storage_path), "Ray Tune storage", "--storage-path")
     elif args.storage_path:
         preflight.check_storage_uri(args.storage_path)
     if address is None:  # the local Ray's resources are known before it starts: a trial that cannot fit is refused
@@ -270,19 +270,6 @@ def _spec_overrides(spec, args):
         return replace(spec, **changes) if changes else spec
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def check_writable(folder: Path, what: str = "output directory", flag: str = "--output-dir") -> None:
-    """``folder`` exists and takes files, or can be made: refused before any work (its nearest existing parent is
-    tried, nothing is created)."""
-    from .preflight import writable_folder
-
-    folder = Path(folder).expanduser().resolve()
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not writable_folder(probe):
-        raise UsageError(f"{what} '{folder}' is not writable; choose another with {flag}")
 
 
 class _Progress:

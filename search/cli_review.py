@@ -44,8 +44,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _review(args):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the terminal to the report
-    from .cli import check_writable
-    from .preflight import check_tracking, resolve_tracking_uri
+    from .preflight import check_tracking, check_writable, resolve_tracking_uri
     from .review import load_review
 
     if args.out:

@@ -57,25 +57,23 @@ def check_tracking(uri: str, timeout: float = TIMEOUT, existing: bool = False) -
     """The store answers (a server or database) or can be written (a SQLite file). ``existing``: a command that only
     reads runs (report, confirm) needs a SQLite store that exists, and must not create an empty one."""
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if scheme in ("", "file") and _mlflow_major() >= 3:
-        folder = urlsplit(uri).path if scheme else uri
-        raise ValueError(f"tracking URI '{redact(uri)}' is a folder, MLflow's file store, which MLflow 3 no longer "
-                         f"opens; pass --tracking-uri sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'} "
-                         "(`mlflow migrate-filestore` converts an existing one)")
-    if existing and scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:" and not Path(path).expanduser().is_file():
-            raise ValueError(f"no MLflow store at '{path}' (tracking URI '{redact(uri)}'); run `embsize search` "
-                             "here first, or pass the --tracking-uri the search used")
     if scheme in ("http", "https"):
         _within(timeout, lambda: _http_answers(uri, timeout), f"tracking server '{redact(uri)}'",
                 "start the server or pass a reachable --tracking-uri")
     elif scheme == "sqlite":
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
         if path and path != ":memory:":
+            if existing and not Path(path).expanduser().is_file():
+                raise ValueError(f"no MLflow store at '{path}' (tracking URI '{redact(uri)}'); run `embsize search` "
+                                 "here first, or pass the --tracking-uri the search used")
             _check_store_path(Path(path), uri)
-    elif scheme in ("", "file"):  # MLflow 2's file store
-        _check_store_path(Path(urlsplit(uri).path if scheme else uri), uri)
+    elif scheme in ("", "file"):  # a folder: MLflow's file store
+        folder = Path(urlsplit(uri).path if scheme else uri)
+        if _mlflow_major() >= 3:
+            raise ValueError(f"tracking URI '{redact(uri)}' is a folder, MLflow's file store, which MLflow 3 no "
+                             f"longer opens; pass --tracking-uri sqlite:///{folder.expanduser().resolve() / 'mlflow.db'}"
+                             " (`mlflow migrate-filestore` converts an existing one)")
+        _check_store_path(folder, uri)
     elif scheme.split("+")[0] in DB_PORTS:
         parts = urlsplit(uri)
         host, port = parts.hostname or "localhost", parts.port or DB_PORTS[scheme.split("+")[0]]
@@ -138,9 +136,7 @@ def _check_store_path(path: Path, uri: str) -> None:
     """The store's file (or folder) must be writable where it exists, else its nearest existing parent folder: the
     check creates nothing, so a refused search leaves no empty store behind."""
     path = path.expanduser().resolve()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing(path)
     if probe != path and not probe.is_dir():
         raise ValueError(f"tracking store '{redact(uri)}' cannot be created: '{probe}' is a file, not a folder; "
                          "pass another --tracking-uri")
@@ -148,6 +144,22 @@ def _check_store_path(path: Path, uri: str) -> None:
     if not os.access(probe, os.W_OK) or not writable_folder(folder):
         raise ValueError(f"tracking store '{redact(uri)}' is not writable ('{probe}' denies writing); "
                          "pass a writable --tracking-uri")
+
+
+def check_writable(folder: Path, what: str = "output directory", flag: str = "--output-dir") -> None:
+    """``folder`` exists and takes files, or can be made: refused before any work (its nearest existing parent is
+    tried, nothing is created)."""
+    folder = Path(folder).expanduser().resolve()
+    probe = _existing(folder)
+    if not probe.is_dir() or not writable_folder(probe):
+        raise ValueError(f"{what} '{folder}' is not writable; choose another with {flag}")
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def writable_folder(folder: Path) -> bool:

@@ -276,7 +276,7 @@ def _check_model_name(name: str) -> None:
 def _check_export_dir(target: Path) -> None:
     from pipelines.export import MANIFEST
 
-    from .cli import check_writable
+    from .preflight import check_writable
 
     target = target.expanduser().resolve()
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
