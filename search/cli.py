@@ -38,7 +38,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positive-threshold", type=float, help="label >= this is positive (MovieLens default 4)")
     g.add_argument("--time-column", help="timestamp column, for --split temporal")
     g.add_argument("--delimiter", help="CSV delimiter (default: detected)")
-    g.add_argument("--rows", type=int, help="rows of the synthetic dataset (default 100000)")
+    g.add_argument("--rows", type=int, help="rows of the synthetic dataset (default 100000; train --config: the "
+                                             "config's, as are its --seed, --split and --min-freq)")
     g.add_argument("--split", choices=("random", "temporal"), default="random")
     g.add_argument("--min-freq", type=int, default=1, help="values seen fewer times in training map to unknown (0)")
     g.add_argument("--seed", type=_seed, default=0, help="split, init and sampler seed, an integer >= 0")

@@ -9,7 +9,8 @@ Dataset fingerprint policy: a different fingerprint is a warning, not an error. 
 newer snapshot of the same table is the normal production case (the dims are per feature, not per category), so it
 must work; but it is said loudly (stderr, MLflow tag ``embsize.fingerprint_match=false``, both fingerprints recorded)
 because it also happens when the data options differ from the search's by mistake. Different features (names or
-kinds) are an error: the recipe's dims cannot apply.
+kinds) are an error: the recipe's dims cannot apply. Synthetic data has no newer snapshot: without data options it is
+rebuilt from the rows, seed, split and min_freq the recipe records, so the fingerprints match.
 """
 from __future__ import annotations
 
@@ -223,6 +224,7 @@ def train_recipe(args) -> int:
         _check_export_dir(Path(args.export))
     uri = _tracking_uri(args.tracking_uri, recipe)
     preflight.check_tracking(uri)  # before the data and the training: an unreachable store fails in seconds
+    args = _searched_synthetic(args, recipe)
     raw = _raw(args)
     data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
     warning = check_data(recipe, data)
@@ -246,6 +248,25 @@ def train_recipe(args) -> int:
     if out["export"]:
         print(f"plain export: {out['export']} (load with pipelines.load_model)")
     return 0
+
+
+def _searched_synthetic(args, recipe: Recipe):
+    """For a recipe searched on synthetic data, ``args`` with the recipe's rows, seed, split and min_freq in place of
+    the ones not given (those at their default, as ``--resume`` takes them): synthetic data is rebuilt, not a
+    snapshot, so without data options `train --config` must rebuild the searched data, not the default 100000 rows.
+    A table or MovieLens is named again with --data and its options."""
+    import argparse
+
+    from .cli import build_parser
+
+    if recipe.dataset.get("source") != "synthetic" or args.data != "synthetic":
+        return args
+    defaults = vars(build_parser().parse_args(["train"]))
+    taken = {k: recipe.dataset[k] for k in ("rows", "seed", "split", "min_freq")
+             if k in recipe.dataset and getattr(args, k) == defaults[k]}
+    if taken:
+        print("data: synthetic, " + ", ".join(f"{k}={v}" for k, v in taken.items()) + " (the config's)")
+    return argparse.Namespace(**{**vars(args), **taken})
 
 
 def _tracking_uri(given: str | None, recipe: Recipe) -> str:

@@ -250,3 +250,18 @@ def test_cli_train_config_refuses_bad_input_with_one_line(tmp_path, capsys):
         assert main(["train", "--config", str(other), *args]) == 2
         assert fragment in _one_error_line(capsys)
         assert time.perf_counter() - started < 15 and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_train_config_rebuilds_the_synthetic_data_the_recipe_records(tmp_path, tracking_uri, capsys):
+    """Without data options, a synthetic recipe's own rows, seed, split and min_freq rebuild the searched data (the
+    default 100000 rows would not); an explicit --rows still overrides, with the fingerprint warning."""
+    options = {"rows": 600, "seed": 5, "split": "temporal", "min_freq": 2}
+    data = prepare(generate(SyntheticSpec(rows=600, seed=5)), split="temporal", seed=5, min_freq=2)
+    path = Recipe(data.features, ModelConfig({f.name: 2 for f in data.features}, (4,)), TrainConfig(),
+                  dataset={"source": "synthetic", **options, "fingerprint": data.fingerprint},
+                  expected={"best_epoch": 1}).save(tmp_path / "recommended.yaml")
+    assert main(["train", "--config", str(path), "--tracking-uri", tracking_uri]) == 0
+    printed = capsys.readouterr()
+    assert "embsize: warning" not in printed.err and f"{len(data.train) + len(data.val)} rows" in printed.out
+    assert main(["train", "--config", str(path), "--tracking-uri", tracking_uri, "--rows", "700"]) == 0
+    assert f"differs from the search's {data.fingerprint}" in capsys.readouterr().err
