@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", choices=("log", "pow2"), help="dims on a log scale (default) or powers of two")
     g.add_argument("--memory-budget", help="hard cap on model bytes (e.g. 2MB); also picks the best model under it")
     g.add_argument("--knee", action="store_true", help="recommend the knee of the front")
-    g.add_argument("--epsilon", type=float, default=0.002, help="recommend the smallest model within this AUC of the best")
+    g.add_argument("--epsilon", type=float, default=0.002,
+                   help="recommend the smallest model within this AUC of the best; with --knee, the rule a front "
+                        "without a knee (under 3 points, or none above the line joining its ends) falls back to; "
+                        "under any rule, the default --refine-tolerance of `embsize confirm --refine`")
     g.add_argument("--no-heuristics", action="store_true", help="skip the rule-of-thumb baselines")
     g.add_argument("--sparse", action="store_true",
                    help="sparse embedding gradients (lazy Adam on the rows a batch touches): for ~1M-row tables")

@@ -91,3 +91,13 @@ def test_cli_bad_input_in_a_real_process(tmp_path):
     p = run(["train", "--rows", "2000", "--dims", "user_id=0"], tmp_path)
     assert p.returncode == 2
     assert p.stderr.strip() == "embsize: error: dim for 'user_id' is 0, but must be >= 1"
+
+
+def test_cli_epsilon_help_says_what_it_does_under_knee(monkeypatch, capsys):
+    """--knee --epsilon is no bad combination: a front without a knee falls back to the epsilon rule, and confirm
+    --refine takes the search's epsilon as its tolerance under any rule; the help says so."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: argparse wraps at hyphens
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    epsilon = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--epsilon"))
+    assert "with --knee, " in epsilon and "--refine-tolerance" in epsilon

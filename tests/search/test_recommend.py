@@ -96,3 +96,10 @@ def test_recommend_other_rules_pick_front_points(pts, rule, budget):
     assert non_dominated(a, s)[i]
     if rule == "budget":
         assert s[i] <= budget and a[i] == a[s <= budget].max()
+
+
+def test_recommend_knee_without_a_knee_takes_the_epsilon():
+    """Why `search --knee --epsilon` is accepted: the epsilon decides the knee rule's fallback."""
+    auc, size = [0.60, 0.61, 0.63, 0.80], [100, 1_000, 10_000, 100_000]  # convex: no knee
+    assert recommend(auc, size, rule="knee", epsilon=0.002) == 3
+    assert recommend(auc, size, rule="knee", epsilon=0.5) == 0
