@@ -33,7 +33,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                         "or a CSV/Parquet file")
     g.add_argument("--label", help="label column of a CSV/Parquet file")
     g.add_argument("--features", help="comma-separated feature columns of a CSV/Parquet file")
-    g.add_argument("--multi", help="comma-separated multi-valued feature columns (cells like 'a|b')")
+    g.add_argument("--multi", help="comma-separated multi-valued feature columns (cells like 'a|b'); "
+                                   "added to --features when not listed there")
     g.add_argument("--sep", default="|", help="separator inside multi-valued cells (default '|')")
     g.add_argument("--positive-threshold", type=float, help="label >= this is positive (MovieLens default 4)")
     g.add_argument("--time-column", help="timestamp column, for --split temporal")
@@ -62,11 +63,14 @@ def _raw(args):
 
     if args.rows is not None and args.rows < 1:
         raise UsageError(f"--rows is {args.rows}, but must be >= 1")
+    features, multi = parse_list(args.features), parse_list(args.multi)
+    if features:  # `--features user_id,item_id --multi tags` reads as three features, one of them multi-valued
+        features += [m for m in multi if m not in features]
     return load(
         args.data,
         label=args.label,
-        features=parse_list(args.features) or None,
-        multi=parse_list(args.multi) or None,
+        features=features or None,
+        multi=multi or None,
         sep=args.sep,
         threshold=args.positive_threshold,
         time=args.time_column,

@@ -73,7 +73,7 @@ CASES = [
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,one"], "feature 'one' has only the value"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,zzz"], "column 'zzz' is not in"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,y"], "also listed as a feature"),
-    (["search", "--data", "{ok.csv}", *CSV, "--multi", "rating"], "is not among the features"),
+    (["search", "--data", "{ok.csv}", *CSV, "--multi", "zzz"], "column 'zzz' is not in"),
     # budget and dims
     (["search", *SMALL, "--checkpoint-every", "-1"], "--checkpoint-every is -1.0, but must be >= 0 seconds"),
     (["search", *SMALL, "--checkpoint-every", "nan"], "--checkpoint-every is nan, but must be >= 0 seconds"),

@@ -48,6 +48,21 @@ def test_cli_search_end_to_end(tmp_path):
     assert front["recommended"].sum() == 1
 
 
+def test_cli_multi_column_joins_the_features(tmp_path):
+    from search.cli import _raw, build_parser
+
+    path = tmp_path / "events.csv"
+    pd.DataFrame({"user": ["u1", "u2", "u3", "u4"] * 5, "tags": ["a|b", "b", "c|a|d", "d"] * 5,
+                  "y": [0, 1] * 10}).to_csv(path, index=False)
+    args = build_parser().parse_args(["train", "--data", str(path), "--label", "y", "--features", "user",
+                                      "--multi", "tags"])
+    raw = _raw(args)
+    assert [(f.name, f.multi) for f in raw.features] == [("user", False), ("tags", True)]
+    listed = build_parser().parse_args(["train", "--data", str(path), "--label", "y", "--features", "tags,user",
+                                        "--multi", "tags"])
+    assert [(f.name, f.multi) for f in _raw(listed).features] == [("tags", True), ("user", False)]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
