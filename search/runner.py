@@ -124,7 +124,7 @@ def run_search(
     from ray.tune.logger import JsonLoggerCallback
 
     from . import preflight, resume, tracking
-    from .cluster import check_cluster, is_uri
+    from .cluster import is_uri
     from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
 
@@ -146,6 +146,12 @@ def run_search(
     storage = settings.storage
     experiment = f"{storage}/{settings.name}" if is_uri(storage) else Path(storage) / settings.name
     restoring = previous is not None and tune.Tuner.can_restore(str(experiment))
+    # A Ray that runs already (a cluster, or one the caller started) is checked before anything is written, as
+    # preflight's checks are: a refused search leaves no output folder and no FAILED run. A local Ray is started
+    # below, while MLflow opens; it is one node, and the CLI has checked that a trial fits it.
+    connected = settings.address is not None or ray.is_initialized()
+    if connected:
+        _connect(settings, uri)
     out.mkdir(parents=True, exist_ok=True)
     if previous is None:
         resume.save(out, identity, command)
@@ -159,18 +165,8 @@ def run_search(
     opened = pool.submit(_open_parent, uri, settings, data, info, previous is not None)
     pool.shutdown(wait=False)
     try:
-        if not ray.is_initialized():
-            ray.init(
-                address=settings.address,
-                num_cpus=settings.num_cpus if settings.address is None else None,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                configure_logging=True,
-            )
-        # multi-node needs (tracking server, shared storage), and that a trial fits a node: before any trial starts
-        check_cluster(uri, settings.storage, settings.storage_path is not None, settings.cpus_per_trial,
-                      settings.gpus_per_trial, can_grow=settings.address is not None)
+        if not connected:
+            _connect(settings, uri)
         if baselines is not None:
             heuristics = dict(baselines)
         else:
@@ -247,6 +243,26 @@ def run_search(
             tracking.close_interrupted(c, exp_id, parent_id)
         c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
         raise
+
+
+def _connect(settings: SearchSettings, uri: str) -> None:
+    """Start or join Ray, then check the cluster against the search (``cluster.check_cluster``: multi-node needs a
+    tracking server and shared storage, and a trial must fit a node) before any trial starts."""
+    import ray
+
+    from .cluster import check_cluster
+
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.address,
+            num_cpus=settings.num_cpus if settings.address is None else None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=True,
+        )
+    check_cluster(uri, settings.storage, settings.storage_path is not None, settings.cpus_per_trial,
+                  settings.gpus_per_trial, can_grow=settings.address is not None)
 
 
 class NoTrialCompleted(RuntimeError):

@@ -190,13 +190,26 @@ def test_cluster_search_refuses_a_local_tracking_store(cluster, tmp_path):
     assert done.returncode == 2
     assert last.startswith("embsize: error: tracking URI 'sqlite:")
     assert "is a local MLflow store, but the Ray cluster has 2 nodes" in last
-    assert not (tmp_path / "shared").exists()  # refused before any trial wrote anything
+    # refused before anything was written: no trial output, no search folder, no store
+    assert not (tmp_path / "shared").exists() and not (tmp_path / "embsize-out").exists()
+    assert not (tmp_path / "m.db").exists()
 
 
 @pytest.mark.slow
 def test_cluster_search_refuses_the_default_local_storage(cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cluster["tracking"])
+
+    def runs() -> int:
+        exp = c.get_experiment_by_name("embsize")
+        return 0 if exp is None else len(c.search_runs([exp.experiment_id], max_results=1000))
+
+    before = runs()
     done = _embsize(cluster, tmp_path, "--tracking-uri", cluster["tracking"])
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2
     assert last.startswith("embsize: error: Ray storage path ")
     assert "is the default local folder, but the Ray cluster has 2 nodes" in last and "--storage-path" in last
+    assert not (tmp_path / "embsize-out").exists()  # no search folder (search.json) ...
+    assert runs() == before  # ... and no FAILED parent run in the server
