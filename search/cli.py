@@ -21,7 +21,22 @@ class SearchFailed(RuntimeError):
     """A search that ran but produced no result (every trial failed): exit code 1, one line."""
 
 
+class _Defaults(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, minus the defaults that say nothing (None, False) and the helps
+    that state their default in words already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default %(default)s)" if text else "default %(default)s"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Defaults)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse prints usage + message; we want one line
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 

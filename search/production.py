@@ -235,7 +235,11 @@ def train_recipe(args) -> int:
     print("dims: " + ", ".join(f"{k}={v}" for k, v in recipe.model.dims.items()))
     print(f"training on train+validation ({len(data.train) + len(data.val)} rows) for {epochs} epochs: {why}")
     final = fit_final(recipe, data, epochs, why, threads=args.threads)
-    searched = f"  (search's val AUC {recipe.expected['val_auc']:.4f})" if "val_auc" in recipe.expected else ""
+    searched = ""
+    if "val_auc" in recipe.expected:  # confirm's and refine's recipes hold a mean over their seeds, a search's one run
+        seeds = recipe.expected.get("seeds")
+        where = f"mean over seeds {', '.join(map(str, seeds))}" if isinstance(seeds, list) else "the search's trial"
+        searched = f"  (val AUC {recipe.expected['val_auc']:.4f}, {where})"
     print(f"test AUC {final.metrics['test_auc']:.4f}  logloss {final.metrics['test_logloss']:.4f}{searched}")
     print(f"model bytes {int(final.metrics['model_bytes']):,} at fp32")
     out = log_final(final, raw.frame.head(5), uri, args.experiment, args.register, args.export, args.config)

@@ -27,6 +27,14 @@ def test_cli_help_is_fast_and_lists_commands(tmp_path):
     assert "search" in p.stdout and "train" in p.stdout
 
 
+def test_cli_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "in addition) (default 24)" in text and "per trial (default 10)" in text
+    assert "(default None)" not in text and "(default False)" not in text
+
+
 def test_cli_train_end_to_end(tmp_path):
     p = run(["train", "--rows", "6000", "--dims", "user_id=4,book_id=4", "--default-dim", "2", "--epochs", "2"], tmp_path)
     assert p.returncode == 0, p.stderr

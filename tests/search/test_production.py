@@ -129,6 +129,7 @@ def test_cli_train_config_registers_and_exports(searched, tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "registered models:/cli-model/1" in printed.out and "warning" not in printed.err
+    assert f"(val AUC {Recipe.load(result.recipe_path).expected['val_auc']:.4f}, the search's trial)" in printed.out
     mlflow.set_tracking_uri(uri)
     rows = raw.frame.head(100)
     model, encoder = load_model(export)
@@ -259,9 +260,10 @@ def test_cli_train_config_rebuilds_the_synthetic_data_the_recipe_records(tmp_pat
     data = prepare(generate(SyntheticSpec(rows=600, seed=5)), split="temporal", seed=5, min_freq=2)
     path = Recipe(data.features, ModelConfig({f.name: 2 for f in data.features}, (4,)), TrainConfig(),
                   dataset={"source": "synthetic", **options, "fingerprint": data.fingerprint},
-                  expected={"best_epoch": 1}).save(tmp_path / "recommended.yaml")
+                  expected={"best_epoch": 1, "val_auc": 0.61, "seeds": [4, 5, 6]}).save(tmp_path / "recommended.yaml")
     assert main(["train", "--config", str(path), "--tracking-uri", tracking_uri]) == 0
     printed = capsys.readouterr()
     assert "embsize: warning" not in printed.err and f"{len(data.train) + len(data.val)} rows" in printed.out
+    assert "(val AUC 0.6100, mean over seeds 4, 5, 6)" in printed.out  # confirm's / refine's recipe: a seeds' mean
     assert main(["train", "--config", str(path), "--tracking-uri", tracking_uri, "--rows", "700"]) == 0
     assert f"differs from the search's {data.fingerprint}" in capsys.readouterr().err
