@@ -6,7 +6,7 @@ the features' names, kinds and cardinalities are part of it.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,7 +86,10 @@ def build(recipe: Recipe):
 def write_atomic(path: Path, text: str | bytes) -> Path:
     """Write via a temporary file in the same folder and a rename: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # os.open with mode 0o666, not tempfile.mkstemp: mkstemp makes the file 0600, which the rename would keep, and
+    # a search's outputs and exports are read by other users (a serving host, teammates); here the umask applies.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)

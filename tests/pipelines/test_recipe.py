@@ -28,3 +28,20 @@ def test_recipe_load_refuses_foreign_yaml(tmp_path):
         Recipe.load(p)
     with pytest.raises(ValueError, match="does not exist"):
         Recipe.load(tmp_path / "nope.yaml")
+
+
+def test_write_atomic_files_get_the_umask_mode_not_0600(tmp_path):
+    """Outputs are read by other users (a serving host, teammates): the mode is 0o666 less the umask, as open()'s."""
+    import os
+    import stat
+
+    from pipelines.recipe import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_atomic(tmp_path / "out" / "recommended.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_text() == "a: 1\n"
+    assert [p.name for p in path.parent.iterdir()] == ["recommended.yaml"]  # no temporary file left
