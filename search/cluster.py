@@ -76,6 +76,21 @@ def check_storage_path(path: str, nodes: list[dict], explicit: bool) -> None:
                          f"({', '.join(blind)}); {fix}")
 
 
+def quiet_token_notice() -> None:
+    """Before embsize starts a local Ray: drop Ray's notice that token authentication is on ("Token authentication is
+    enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"), printed on every start, a line of noise in
+    every laptop search. Authentication stays Ray's default; setting RAY_AUTH_MODE=token instead would silence it too,
+    but Ray reads the variable at import, so it would need Ray's private config refresh."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenNotice) for f in logger.filters):
+        logger.addFilter(_TokenNotice())
+
+
+class _TokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def check_cluster(
     tracking_uri: str,
     storage: str,

@@ -341,8 +341,11 @@ def local_ray(workers: int):
     """Start (and at the end stop) a local Ray of ``workers`` CPUs, unless one is running: then use it."""
     import ray
 
+    from .cluster import quiet_token_notice
+
     started = not ray.is_initialized()
     if started:
+        quiet_token_notice()
         ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield

@@ -250,9 +250,11 @@ def _connect(settings: SearchSettings, uri: str) -> None:
     tracking server and shared storage, and a trial must fit a node) before any trial starts."""
     import ray
 
-    from .cluster import check_cluster
+    from .cluster import check_cluster, quiet_token_notice
 
     if not ray.is_initialized():
+        if settings.address is None:
+            quiet_token_notice()
         ray.init(
             address=settings.address,
             num_cpus=settings.num_cpus if settings.address is None else None,

@@ -51,6 +51,7 @@ def test_cli_search_end_to_end(tmp_path):
     recipe = yaml.safe_load((out / "recommended.yaml").read_text())
     assert set(recipe["model"]["dims"]) == {"user_id", "book_id", "genre", "tags", "shelf"}
     assert "recommended config:" in p.stdout and "hypervolume" in p.stdout
+    assert "Token authentication" not in p.stderr  # Ray's warning on every local start
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the embedded default store
     front = pd.read_csv(out / "front.csv")
     assert front["recommended"].sum() == 1
