@@ -57,8 +57,8 @@ def check_tracking_uri(uri: str, nodes: int) -> None:
     if nodes > 1 and is_local_store(uri) and not uri.startswith("databricks"):  # "databricks[://profile]": a server
         raise ValueError(
             f"tracking URI '{uri}' is a local MLflow store, but the Ray cluster has {nodes} nodes; start an MLflow "
-            "server (`mlflow server --backend-store-uri postgresql://... --host 0.0.0.0`) and pass "
-            "--tracking-uri http://HOST:5000"
+            "server (`mlflow server --backend-store-uri postgresql://... --host 0.0.0.0 "
+            "--allowed-hosts 'HOST,HOST:*'`) and pass --tracking-uri http://HOST:5000"
         )
 
 
