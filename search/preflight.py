@@ -176,13 +176,15 @@ def writable_folder(folder: Path) -> bool:
 
 def _http_answers(uri: str, timeout: float) -> None:
     """An MLflow server answers ``/health`` (200), or its REST API when a proxy hides that; 401/403 count as answers
-    (the server wants the credentials MLflow will send)."""
+    (the server wants the credentials MLflow will send). The REST API is asked even when ``/health`` answers:
+    MLflow 3 refuses a Host header that is not localhost or a private IP (its DNS-rebinding check) on the API only,
+    so a search would pass ``/health`` and fail at its first MLflow call."""
     import urllib.error
     import urllib.request
 
     parts = urlsplit(redact(uri))  # credentials are not needed to tell whether a server is there
     base = parts.path.rstrip("/")
-    status = 0
+    status, healthy = 0, False
     for path, query in (("/health", ""), ("/api/2.0/mlflow/experiments/search", "max_results=1")):
         url = urlunsplit(parts._replace(path=base + path, query=query, fragment=""))
         try:
@@ -190,9 +192,17 @@ def _http_answers(uri: str, timeout: float) -> None:
                 status = r.status
         except urllib.error.HTTPError as e:
             status = e.code
+            if status == 403 and b"Invalid Host header" in e.read(4096):
+                raise _WrongService(
+                    f"refuses the host name '{parts.hostname}' (HTTP 403 'Invalid Host header', MLflow 3's "
+                    "DNS-rebinding check)",
+                    f"start it with --allowed-hosts '{parts.hostname},{parts.hostname}:*' (mlflow server --help)",
+                ) from None
         except urllib.error.URLError as e:
             raise ConnectionError(str(e.reason)) from None
-        if status < 300 or status in (401, 403):
+        if path == "/health":
+            healthy = status < 300
+        elif healthy or status < 300 or status in (401, 403):  # a proxy may hide the API from an unauthenticated probe
             return
     raise _WrongService(f"answers HTTP {status}, not as an MLflow tracking server")
 
@@ -232,14 +242,18 @@ def _within(timeout: float, fn: Callable[[], T], what: str, fix: str) -> T:
     if worker.is_alive():
         raise ValueError(f"{what} does not answer within {timeout:g} s; {fix}")
     if isinstance(box.get("error"), _WrongService):
-        raise ValueError(f"{what} {box['error']}; {fix}")
+        raise ValueError(f"{what} {box['error']}; {box['error'].fix or fix}")
     if "error" in box:
         raise ValueError(f"{what} does not answer ({_reason(box['error'])}); {fix}") from None
     return box.get("value")
 
 
 class _WrongService(Exception):
-    """Something answers, but not the service expected."""
+    """Something answers, but not the service expected (or not to us); ``fix`` replaces the caller's advice."""
+
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.fix = fix
 
 
 def _reason(e: BaseException) -> str:

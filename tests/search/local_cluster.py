@@ -101,11 +101,12 @@ class LocalCluster:
         self._node(name, [f"--address={self.address}"])
         return self.wait(f"Ray node {name}", lambda: self.alive_nodes(want))
 
-    def mlflow(self) -> str:
+    def mlflow(self, allowed_hosts: str | None = None) -> str:
         port = self._port()
+        extra = ["--allowed-hosts", allowed_hosts] if allowed_hosts else []
         self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'm.db'}",
                                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], self.env)
+                               "--port", str(port), "--workers", "1", *extra], self.env)
         self.tracking = f"http://127.0.0.1:{port}"
         self.wait("MLflow server", lambda: http_ok(f"{self.tracking}/health"))
         return self.tracking

@@ -65,6 +65,42 @@ def test_check_tracking_refuses_a_server_that_is_not_mlflow(http_server):
         check_tracking(url, timeout=2)
 
 
+class _HostCheck(BaseHTTPRequestHandler):
+    """MLflow 3's answers to a Host header it does not allow: /health 200, the REST API 403 with its message."""
+
+    def do_GET(self):
+        health = self.path.startswith("/health")
+        self.send_response(200 if health else 403)
+        self.end_headers()
+        self.wfile.write(b"OK" if health else b"Invalid Host header - possible DNS rebinding attack detected")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_check_tracking_refuses_a_server_that_refuses_the_host_name():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HostCheck)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ValueError) as e:
+            check_tracking(f"http://127.0.0.1:{server.server_address[1]}", timeout=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "refuses the host name '127.0.0.1'" in str(e.value) and "--allowed-hosts '127.0.0.1,127.0.0.1:*'" in str(e.value)
+
+
+@pytest.mark.slow
+def test_check_tracking_names_allowed_hosts_for_a_real_mlflow_server_refusing_the_host(tmp_path):
+    """A real `mlflow server --allowed-hosts` that does not list 127.0.0.1: /health answers, the API refuses."""
+    from .local_cluster import LocalCluster
+
+    with LocalCluster("es-hosts-", {}) as cl:
+        uri = cl.mlflow(allowed_hosts="mlflow.example.com")
+        with pytest.raises(ValueError, match=r"refuses the host name '127\.0\.0\.1'.*--allowed-hosts"):
+            check_tracking(uri, timeout=10)
+
+
 def test_check_tracking_refused_connection_names_uri_and_fix():
     uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ValueError) as e:
