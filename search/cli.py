@@ -27,7 +27,8 @@ class _Defaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text or not action.option_strings:  # `is`: 0 and 0.0 == False, and they say something
             return text
         return f"{text} (default %(default)s)" if text else "default %(default)s"
 
@@ -56,7 +57,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--delimiter", help="CSV delimiter (default: detected)")
     g.add_argument("--rows", type=int, help="rows of the synthetic dataset (default 100000; train --config: the "
                                              "config's, as are its --seed, --split and --min-freq)")
-    g.add_argument("--split", choices=("random", "temporal"), default="random")
+    g.add_argument("--split", choices=("random", "temporal"), default="random",
+                   help="train/validation/test split: random rows, or by --time-column")
     g.add_argument("--min-freq", type=int, default=1, help="values seen fewer times in training map to unknown (0)")
     g.add_argument("--seed", type=_seed, default=0, help="split, init and sampler seed, an integer >= 0")
 
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, default=24, help="sampled trials (heuristic baselines run in addition)")
     g.add_argument("--max-epochs", type=int, default=10, help="full training budget per trial")
     g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (0 = off)")
-    g.add_argument("--batch-size", type=int, default=1024)
+    g.add_argument("--batch-size", type=int, default=1024, help="training batch size of every trial")
     g.add_argument("--lr", type=float, help="fix the learning rate (default: searched 1e-3..1e-2, see --spec)")
     g.add_argument("--scheduler", default="pareto-asha", choices=("pareto-asha", "asha", "fifo"),
                    help="early stopping of weak trials: by Pareto rank on (AUC, bytes) (default), by AUC, or none")
@@ -378,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted search NAME in --output-dir with the options it was started with")
     g.add_argument("--output-dir", default="embsize-out", help="where search outputs go (default ./embsize-out)")
     r = s.add_argument_group("resources and tracking")
-    r.add_argument("--cpus-per-trial", type=float, default=1)
+    r.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (torch threads) per trial")
     r.add_argument("--gpus-per-trial", type=float, default=0, help="fraction or whole number of GPUs per trial")
     r.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / cpus-per-trial)")
     r.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
@@ -403,11 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dims", help="per-feature dims, e.g. user_id=16,item_id=16")
     g.add_argument("--default-dim", type=int, default=16, help="dim of features not in --dims")
     g.add_argument("--hidden", default="64,32", help="MLP widths")
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--patience", type=int, default=3)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--batch-size", type=int, default=1024)
+    g.add_argument("--dropout", type=float, default=0.0, help="MLP dropout")
+    g.add_argument("--epochs", type=int, default=10, help="most epochs to train")
+    g.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (0 = off)")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    g.add_argument("--batch-size", type=int, default=1024, help="training batch size")
     g.add_argument("--threads", type=int, help="torch threads")
     g.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large tables)")
     g = t.add_argument_group("production (with --config)")

@@ -33,6 +33,10 @@ def test_cli_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "in addition) (default 24)" in text and "per trial (default 10)" in text
     assert "(default None)" not in text and "(default False)" not in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MLP dropout (default 0.0)" in text and "(default 0.003)" in text  # zero is a default worth saying
 
 
 def test_cli_train_end_to_end(tmp_path):
