@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .encode import _spell
 from .schema import Feature, LabelRule, RawDataset, binarize_label
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def load_table(
         raise ValueError(f"table file '{path}' has a header but no data rows; give a file with rows")
     y = binarize_label(frame[label], LabelRule(label, threshold))
     for name in features:
+        frame[name] = _list_cells(frame[name], name, name in multi, sep)
         _check_learnable(frame[name], name, name in buckets)
     specs = tuple(Feature(n, multi=n in multi, sep=sep, buckets=buckets.get(n)) for n in features)
     meta = {"source": str(path), "format": fmt, "delimiter": delim, "label": label, "threshold": threshold}
@@ -159,6 +161,40 @@ def _check_present(path: Path, needed: list[str], columns: list[str], delim: str
                 f"wrong; pass --delimiter {others[0]!r}"
             )
     raise ValueError(message)
+
+
+def _list_cells(values: pd.Series, name: str, multi: bool, sep: str) -> pd.Series:
+    """A Parquet list column as the 'a|b' text a multi-valued cell has; a struct or undeclared list column refused."""
+    if values.dtype != object:
+        return values
+    if values.map(lambda v: isinstance(v, dict)).any():
+        raise ValueError(
+            f"column '{name}' holds structs (dict values), which are not categorical values; flatten it into one "
+            "column per field"
+        )
+    lists = values.map(_is_list)
+    if not lists.any():
+        return values
+    if not multi:
+        raise ValueError(f"column '{name}' holds lists; declare it with --multi {name}")
+
+    def join(cell):
+        if not _is_list(cell):
+            return cell  # a string cell already in the 'a|b' form, or a missing one
+        tokens = [_spell(t) for t in cell if t is not None and not (isinstance(t, float) and np.isnan(t))]
+        for token in tokens:
+            if sep in token:
+                raise ValueError(
+                    f"column '{name}' has the list element {token!r}, which contains the separator {sep!r}; "
+                    "pass another --sep"
+                )
+        return sep.join(tokens) if tokens else np.nan  # an empty list is missing, as an empty cell
+
+    return values.map(join)
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _check_learnable(values: pd.Series, name: str, numeric: bool) -> None:

@@ -212,3 +212,23 @@ def test_load_table_empty_file(tmp_path):
 )
 def test_table_format_by_suffix(name, fmt):
     assert table_format(Path(name)) == fmt
+
+
+def test_load_table_parquet_list_column_is_a_multi_valued_feature(table, tmp_path):
+    frame = table.assign(tags=[["a", "b"], [], ["c"], None] * (len(table) // 4))
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    raw = _load(tmp_path / "t.parquet")
+    assert list(raw.frame["tags"].iloc[:4].fillna("")) == ["a|b", "", "c", ""]
+    assert raw.frame["tags"].iloc[1:2].isna().all() and raw.frame["tags"].iloc[3:4].isna().all()
+
+
+def test_load_table_parquet_list_column_refusals(table, tmp_path):
+    table.assign(tags=[["a", "b"], ["c"]] * (len(table) // 2)).to_parquet(tmp_path / "l.parquet", index=False)
+    with pytest.raises(ValueError, match=r"^column 'tags' holds lists; declare it with --multi tags$"):
+        _load(tmp_path / "l.parquet", multi=[])
+    table.assign(tags=[["a|x"], ["c"]] * (len(table) // 2)).to_parquet(tmp_path / "s.parquet", index=False)
+    with pytest.raises(ValueError, match=r"element 'a\|x', which contains the separator '\|'"):
+        _load(tmp_path / "s.parquet")
+    table.assign(tags=[{"k": 1}, {"k": 2}] * (len(table) // 2)).to_parquet(tmp_path / "d.parquet", index=False)
+    with pytest.raises(ValueError, match=r"^column 'tags' holds structs \(dict values\)"):
+        _load(tmp_path / "d.parquet")
