@@ -218,8 +218,23 @@ def _time(values: pd.Series, name: str) -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce")  # also digits read as text (a time column that is a feature)
     if numbers.notna().all():
         return numbers.to_numpy().astype(np.int64)
-    try:
+    if pd.api.types.is_datetime64_any_dtype(values):
         stamps = pd.to_datetime(values, utc=True)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"time column '{name}' holds {values.iloc[0]!r}, neither a number nor a date; {e}") from e
+    else:  # text: ISO 8601 only, so a day-first '08/01/2024' is refused, not read month-first
+        try:
+            stamps = pd.to_datetime(values, utc=True, format="ISO8601")
+        except (ValueError, TypeError, OverflowError):
+            bad = next((v for v in values.unique() if not _iso(v)), values.iloc[0])
+            raise ValueError(
+                f"time column '{name}' holds {bad!r}, neither a number nor an ISO 8601 date/time; convert the column "
+                "to YYYY-MM-DD[THH:MM[:SS]] or Unix seconds"
+            ) from None
     return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
+
+
+def _iso(value) -> bool:
+    try:
+        pd.to_datetime(pd.Series([value]), utc=True, format="ISO8601")
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True

@@ -232,3 +232,23 @@ def test_load_table_parquet_list_column_refusals(table, tmp_path):
     table.assign(tags=[{"k": 1}, {"k": 2}] * (len(table) // 2)).to_parquet(tmp_path / "d.parquet", index=False)
     with pytest.raises(ValueError, match=r"^column 'tags' holds structs \(dict values\)"):
         _load(tmp_path / "d.parquet")
+
+
+def test_load_table_time_strings_must_be_iso_8601(table, tmp_path):
+    iso = pd.date_range("2024-01-01", periods=len(table), freq="h").strftime("%Y-%m-%dT%H:%M:%S")
+    table.assign(ts=iso).to_csv(tmp_path / "iso.csv", index=False)
+    raw = _load(tmp_path / "iso.csv")
+    assert raw.time[0] == pd.Timestamp("2024-01-01", tz="UTC").timestamp() and (np.diff(raw.time) == 3600).all()
+    day_first = pd.date_range("2024-01-01", periods=len(table), freq="D").strftime("%d/%m/%Y")
+    table.assign(ts=day_first).to_csv(tmp_path / "dmy.csv", index=False)
+    with pytest.raises(ValueError) as e:
+        _load(tmp_path / "dmy.csv")
+    assert str(e.value) == (
+        "time column 'ts' holds '01/01/2024', neither a number nor an ISO 8601 date/time; convert the column to "
+        "YYYY-MM-DD[THH:MM[:SS]] or Unix seconds"
+    )
+    table.assign(ts=["2024-01-01"] * 5 + ["soon"] + ["2024-01-02"] * (len(table) - 6)).to_csv(
+        tmp_path / "bad.csv", index=False
+    )
+    with pytest.raises(ValueError, match=r"^time column 'ts' holds 'soon', neither[^\n]*seconds$"):
+        _load(tmp_path / "bad.csv")
