@@ -18,6 +18,11 @@ TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")  # what pandas infers from the file name
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DELIMITERS = (",", "\t", ";", "|")  # candidates when the delimiter is detected
+NA_STRINGS = (  # pandas' default missing-value strings, for the label and time columns of a CSV
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null",
+)
+WHOLE_FLOAT = r"^([+-]?\d+)\.0+$"  # an integer written as a float ("196.0"); pure digits ("00123") are not touched
 
 
 def table_format(path: Path) -> str | None:
@@ -130,11 +135,18 @@ def _delimiter(path: Path, given: str | None) -> str:
 def _read_csv(path: Path, needed: list[str], delim: str, text: list[str]) -> pd.DataFrame:
     columns = list(pd.read_csv(path, sep=delim, nrows=0).columns)
     _check_present(path, needed, columns, delim)
-    # categorical columns as text, so ids like "00123" keep their leading zeros
+    # categorical columns as text, so ids like "00123" keep their leading zeros; in them only an empty cell is
+    # missing ('NA' is Namibia and 'None' a value, as Parquet keeps them); the label and time keep pandas' NA strings
+    na_values = {c: [""] if c in text else list(NA_STRINGS) for c in needed}
     try:
-        return pd.read_csv(path, sep=delim, usecols=needed, dtype={c: str for c in text})
+        frame = pd.read_csv(
+            path, sep=delim, usecols=needed, dtype={c: str for c in text}, keep_default_na=False, na_values=na_values
+        )
     except pd.errors.ParserError as e:
         raise ValueError(f"could not parse '{path}' with delimiter {delim!r}: {e}; check --delimiter") from e
+    for c in text:  # pandas writes int ids with NaN as floats: "196.0" is "196", as encode.normalize spells 196.0
+        frame[c] = frame[c].str.replace(WHOLE_FLOAT, r"\1", regex=True)
+    return frame
 
 
 def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:

@@ -252,3 +252,21 @@ def test_load_table_time_strings_must_be_iso_8601(table, tmp_path):
     )
     with pytest.raises(ValueError, match=r"^time column 'ts' holds 'soon', neither[^\n]*seconds$"):
         _load(tmp_path / "bad.csv")
+
+
+def test_load_table_csv_spells_categories_as_encode_does(table, tmp_path):
+    n = len(table)
+    item = ["196", "196.0", "00123", "7.50", "-3.00", ""] + ["5"] * (n - 6)
+    user = ["NA", "None", "null", "NaN", "n/a", ""] + ["x"] * (n - 6)
+    rating = ["1", "5"] * (n // 2)
+    table.assign(item=item, user=user, rating=rating).to_csv(tmp_path / "t.csv", index=False)
+    raw = _load(tmp_path / "t.csv", features=["user", "item"], multi=[], time=None, threshold=None)
+    assert list(raw.frame["item"].iloc[:5]) == ["196", "196", "00123", "7.50", "-3"] and pd.isna(raw.frame["item"][5])
+    assert list(raw.frame["user"].iloc[:5]) == ["NA", "None", "null", "NaN", "n/a"] and pd.isna(raw.frame["user"][5])
+    parquet = tmp_path / "t.parquet"
+    table.assign(item=item, user=user, rating=rating).to_parquet(parquet, index=False)
+    assert raw.frame["user"].iloc[:5].equals(_load(parquet, features=["user", "item"], multi=[], time=None,
+                                                   threshold=None).frame["user"].iloc[:5])
+    table.assign(rating=["NA"] + [1, 5] * (n // 2 - 1) + [1]).to_csv(tmp_path / "y.csv", index=False)
+    with pytest.raises(ValueError, match="label column 'rating' has 1 missing values"):  # the label keeps pandas' NAs
+        _load(tmp_path / "y.csv", threshold=None)
