@@ -79,6 +79,10 @@ def load_table(
             frame = _read_csv(path, needed, delim, text=[f for f in features if f not in buckets])
         except pd.errors.EmptyDataError as e:
             raise ValueError(f"table file '{path}' is empty; give a file with a header row") from e
+        except UnicodeDecodeError as e:
+            byte, offset = e.object[e.start:e.start + 1].hex(), _bad_utf8_offset(path, e.start)
+            raise ValueError(f"file '{path}' is not UTF-8 text (byte 0x{byte} at offset {offset}); re-save it as UTF-8") \
+                from None
     if len(frame) == 0:
         raise ValueError(f"table file '{path}' has a header but no data rows; give a file with rows")
     y = binarize_label(frame[label], LabelRule(label, threshold))
@@ -147,6 +151,26 @@ def _read_csv(path: Path, needed: list[str], delim: str, text: list[str]) -> pd.
     for c in text:  # pandas writes int ids with NaN as floats: "196.0" is "196", as encode.normalize spells 196.0
         frame[c] = frame[c].str.replace(WHOLE_FLOAT, r"\1", regex=True)
     return frame
+
+
+def _bad_utf8_offset(path: Path, fallback: int) -> int:
+    """The offset of the first byte that is not UTF-8 in the (decompressed) file; pandas reports one in its chunk."""
+    import codecs
+
+    from pandas.io.common import get_handle
+
+    decoder, done = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with get_handle(path, "rb", compression="infer", is_text=False) as handle:
+            while block := handle.handle.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    return done + e.start - len(decoder.getstate()[0])
+                done += len(block)
+    except OSError:
+        pass
+    return fallback
 
 
 def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:

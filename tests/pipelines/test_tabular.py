@@ -270,3 +270,14 @@ def test_load_table_csv_spells_categories_as_encode_does(table, tmp_path):
     table.assign(rating=["NA"] + [1, 5] * (n // 2 - 1) + [1]).to_csv(tmp_path / "y.csv", index=False)
     with pytest.raises(ValueError, match="label column 'rating' has 1 missing values"):  # the label keeps pandas' NAs
         _load(tmp_path / "y.csv", threshold=None)
+
+
+@pytest.mark.parametrize("name", ["latin1.csv", "latin1.csv.gz"])
+def test_load_table_non_utf8_file_is_named(table, tmp_path, name):
+    path = tmp_path / name
+    frame = table.assign(user=["Zoë"] + ["bob"] * (len(table) - 1))
+    frame.to_csv(path, index=False, encoding="latin-1")
+    offset = frame.to_csv(index=False).encode("latin-1").index(b"\xeb")
+    with pytest.raises(ValueError) as e:
+        _load(path)
+    assert str(e.value) == f"file '{path}' is not UTF-8 text (byte 0xeb at offset {offset}); re-save it as UTF-8"
