@@ -121,7 +121,10 @@ def _check_columns(label: str, features: list[str], multi: list[str], time: str 
 
 def _delimiter(path: Path, given: str | None) -> str:
     if given is not None:
-        return {"\\t": "\t", "tab": "\t"}.get(given, given)  # a shell passes "\t" as two characters
+        delim = {"\\t": "\t", "tab": "\t"}.get(given, given)  # a shell passes "\t" as two characters
+        if len(delim) != 1:
+            raise ValueError(f"--delimiter is {given!r}, but must be exactly one character, e.g. ',' or tab")
+        return delim
     if ".tsv" in (s.lower() for s in path.suffixes):
         return "\t"
     # the first lines as whole strings (a separator that never occurs), read through pandas so compression works

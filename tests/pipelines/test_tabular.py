@@ -281,3 +281,12 @@ def test_load_table_non_utf8_file_is_named(table, tmp_path, name):
     with pytest.raises(ValueError) as e:
         _load(path)
     assert str(e.value) == f"file '{path}' is not UTF-8 text (byte 0xeb at offset {offset}); re-save it as UTF-8"
+
+
+@pytest.mark.parametrize("given", ["", "ab", ",,"])
+def test_load_table_delimiter_must_be_one_character(table, tmp_path, given, recwarn):
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError) as e:
+        _load(tmp_path / "t.csv", delimiter=given)
+    assert str(e.value) == f"--delimiter is {given!r}, but must be exactly one character, e.g. ',' or tab"
+    assert not [w for w in recwarn if "Parser" in type(w.message).__name__]
