@@ -53,6 +53,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                                    "added to --features when not listed there")
     g.add_argument("--sep", default="|", help="separator inside multi-valued cells (default '|')")
     g.add_argument("--positive-threshold", type=float, help="label >= this is positive (MovieLens default 4)")
+    g.add_argument("--positive-label", metavar="VALUE",
+                   help="a text label's positive value: rows equal to it are positive, the rest negative")
     g.add_argument("--time-column", help="timestamp column, for --split temporal")
     g.add_argument("--delimiter", help="CSV delimiter (default: detected)")
     g.add_argument("--rows", type=int, help="rows of the synthetic dataset (default 100000; train --config: the "
@@ -92,6 +94,7 @@ def _raw(args):
         threshold=args.positive_threshold,
         time=args.time_column,
         delimiter=args.delimiter,
+        positive_label=args.positive_label,
         synthetic_rows=args.rows,
         seed=args.seed,
     )

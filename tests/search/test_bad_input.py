@@ -25,6 +25,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     ok.to_csv(d / "ok.csv", index=False)
     ok.to_csv(d / "semi.csv", index=False, sep=";")
     ok.assign(y=1).to_csv(d / "constant.csv", index=False)
+    ok.assign(y=["click", "noclick"] * 20).to_csv(d / "click.csv", index=False)
     ok.assign(y=[0, 1, None, 1] * 10).to_csv(d / "holes.csv", index=False)
     (d / "empty.csv").write_text("")
     (d / "header.csv").write_text("user,item,y\n")
@@ -70,6 +71,13 @@ CASES = [
     (["search", "--data", "{constant.csv}", *CSV], "constant"),
     (["search", "--data", "{holes.csv}", *CSV], "missing values"),
     (["search", "--data", "{ok.csv}", "--label", "rating", "--features", "user"], "--positive-threshold"),
+    (["train", "--data", "{click.csv}", *CSV], "label column 'y' has the text values 'click' and 'noclick'; say "
+                                             "which one is positive with --positive-label click"),
+    (["search", "--data", "{ok.csv}", "--label", "user", "--features", "item"],
+     "8 distinct text values, not 2; say which one is positive with --positive-label"),
+    (["train", "--data", "{click.csv}", *CSV, "--positive-label", "click", "--positive-threshold", "1"],
+     "--positive-threshold and --positive-label both given"),
+    (["search", *SMALL, "--positive-label", "1"], "--positive-label does not apply to data source 'synthetic'"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,one"], "feature 'one' has only the value"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,zzz"], "column 'zzz' is not in"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,y"], "also listed as a feature"),
