@@ -141,6 +141,9 @@ def _delimiter(path: Path, given: str | None) -> str:
 
 def _read_csv(path: Path, needed: list[str], delim: str, text: list[str]) -> pd.DataFrame:
     columns = list(pd.read_csv(path, sep=delim, nrows=0).columns)
+    # the header as written: pandas renames a second 'user' to 'user.1', which would read the wrong column silently
+    header = list(pd.read_csv(path, sep=delim, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0])
+    _check_unique(path, needed, header)
     _check_present(path, needed, columns, delim)
     # categorical columns as text, so ids like "00123" keep their leading zeros; in them only an empty cell is
     # missing ('NA' is Namibia and 'None' a value, as Parquet keeps them); the label and time keep pandas' NA strings
@@ -181,10 +184,21 @@ def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
-        _check_present(path, needed, pq.read_schema(path).names, None)
+        names = pq.read_schema(path).names
+        _check_unique(path, needed, names)
+        _check_present(path, needed, names, None)
         return pd.read_parquet(path, columns=needed)
     except pyarrow.ArrowException as e:  # a corrupt or truncated file: pyarrow's message does not name it
         raise ValueError(f"'{path}' is not a readable Parquet file ({e}); check the file or convert it again") from None
+
+
+def _check_unique(path: Path, needed: list[str], names: list) -> None:
+    dupes = [c for c in needed if names.count(c) > 1]
+    if dupes:
+        raise ValueError(
+            f"column '{dupes[0]}' appears {names.count(dupes[0])} times in the header of '{path.name}', so which one "
+            "to read is ambiguous; rename or drop the extra ones"
+        )
 
 
 def _check_present(path: Path, needed: list[str], columns: list[str], delim: str | None) -> None:
@@ -192,6 +206,15 @@ def _check_present(path: Path, needed: list[str], columns: list[str], delim: str
     if not missing:
         return
     message = f"column '{missing[0]}' is not in '{path.name}'; available columns: {', '.join(map(str, columns))}"
+    spaced = [c for c in columns if isinstance(c, str) and c != missing[0] and c.strip() == missing[0]]
+    if spaced:
+        sides = (("leading", spaced[0][:1].isspace()), ("trailing", spaced[0][-1:].isspace()))
+        where = " and ".join(side for side, has in sides if has)
+        message = (
+            f"column '{missing[0]}' is not in '{path.name}', but the file's header has {spaced[0]!r} with a {where} "
+            f"space; remove the space from the header, or name the column {spaced[0]!r}"
+        )
+        raise ValueError(message)
     if delim is not None and len(columns) == 1:
         others = [d for d in DELIMITERS if d != delim and d in str(columns[0])]
         if others:

@@ -290,3 +290,31 @@ def test_load_table_delimiter_must_be_one_character(table, tmp_path, given, recw
         _load(tmp_path / "t.csv", delimiter=given)
     assert str(e.value) == f"--delimiter is {given!r}, but must be exactly one character, e.g. ',' or tab"
     assert not [w for w in recwarn if "Parser" in type(w.message).__name__]
+
+
+def test_load_table_duplicate_header_name_is_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("user,user,item,y\n" + "".join(f"u{i},v{i},i{i % 3},{i % 2}\n" for i in range(10)))
+    with pytest.raises(ValueError) as e:
+        load_table(path, label="y", features=["user", "item"])
+    assert str(e.value) == (
+        "column 'user' appears 2 times in the header of 'd.csv', so which one to read is ambiguous; rename or drop "
+        "the extra ones"
+    )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([["a", "b"], ["c", "d"], [0, 1]], names=["user", "user", "y"]), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"^column 'user' appears 2 times in the header of 'd.parquet'"):
+        load_table(tmp_path / "d.parquet", label="y", features=["user"])
+
+
+def test_load_table_header_name_with_spaces_is_named(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("user, item ,y\n" + "".join(f"u{i},i{i % 3},{i % 2}\n" for i in range(10)))
+    with pytest.raises(ValueError) as e:
+        load_table(path, label="y", features=["user", "item"])
+    assert str(e.value) == (
+        "column 'item' is not in 's.csv', but the file's header has ' item ' with a leading and trailing space; "
+        "remove the space from the header, or name the column ' item '"
+    )
