@@ -81,8 +81,9 @@ def load_table(
             raise ValueError(f"table file '{path}' is empty; give a file with a header row") from e
         except UnicodeDecodeError as e:
             byte, offset = e.object[e.start:e.start + 1].hex(), _bad_utf8_offset(path, e.start)
-            raise ValueError(f"file '{path}' is not UTF-8 text (byte 0x{byte} at offset {offset}); re-save it as UTF-8") \
-                from None
+            raise ValueError(
+                f"file '{path}' is not UTF-8 text (byte 0x{byte} at offset {offset}); re-save it as UTF-8"
+            ) from None
     if len(frame) == 0:
         raise ValueError(f"table file '{path}' has a header but no data rows; give a file with rows")
     y = binarize_label(frame[label], LabelRule(label, threshold))
