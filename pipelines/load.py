@@ -1,7 +1,6 @@
 """One entry point from a data source (the CLI's ``--data``) to a RawDataset: synthetic, MovieLens, or a table."""
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -66,14 +65,8 @@ def load(
                 f"'{path.name}' is a table, so it needs its label column and feature columns, "
                 "e.g. --label rating --features user_id,item_id"
             )
-        # positive_label reaches the LabelRule through load_table; until load_table takes it, refuse in one line
-        # rather than crash (drop this check once pipelines/tabular.py passes it to LabelRule)
-        if positive_label is not None and "positive_label" not in inspect.signature(load_table).parameters:
-            raise ValueError("--positive-label does not reach table files yet (pipelines/tabular.py load_table does "
-                             "not take it); recode the label column to 0/1 instead")
-        extra = {} if positive_label is None else {"positive_label": positive_label}
         return load_table(path, label, list(features), list(multi or ()), sep, threshold, time, buckets, delimiter,
-                          **extra)
+                          positive_label)
     if path.is_dir() or path.suffix.lower() == ".zip":
         _refuse(str(path), positive_label=positive_label)
         return _movielens(path, label, features, multi, threshold, time, buckets, delimiter, sep)

@@ -52,6 +52,7 @@ def load_table(
     time: str | None = None,
     buckets: dict[str, tuple[float, ...]] | None = None,
     delimiter: str | None = None,
+    positive_label: str | None = None,
 ) -> RawDataset:
     """Read only ``features``, ``label`` and ``time`` from the table at ``path``.
 
@@ -86,7 +87,7 @@ def load_table(
             ) from None
     if len(frame) == 0:
         raise ValueError(f"table file '{path}' has a header but no data rows; give a file with rows")
-    y = binarize_label(frame[label], LabelRule(label, threshold))
+    y = binarize_label(frame[label], LabelRule(label, threshold, positive_label))
     for name in features:
         frame[name] = _list_cells(frame[name], name, name in multi, sep)
         _check_learnable(frame[name], name, name in buckets)

@@ -2,7 +2,6 @@
 --positive-label (refused in one line, never guessed by sort order). Real files, through the loader and the CLI."""
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,6 @@ import pytest
 
 from pipelines.load import load
 from pipelines.schema import LabelRule, binarize_label
-from pipelines.tabular import load_table
 from search.cli import main
 
 
@@ -104,8 +102,6 @@ def test_label_positive_label_refusals(click, tmp_path):
         load("synthetic", positive_label="click")
 
 
-@pytest.mark.xfail("positive_label" not in inspect.signature(load_table).parameters, strict=True,
-                   reason="pipelines/tabular.py load_table must take positive_label and pass it to LabelRule")
 def test_label_positive_label_through_the_cli(click, tmp_path, monkeypatch, capsys):
     path, y = click
     monkeypatch.chdir(tmp_path)
