@@ -32,7 +32,10 @@ def add_review_commands(sub) -> None:
     g.add_argument("--data", help="the search's data source, when it cannot be rebuilt from the run's params")
     g.add_argument("--label", help="label column of a CSV/Parquet file")
     g.add_argument("--features", help="comma-separated feature columns (of a table, or a MovieLens subset)")
-    g.add_argument("--multi", help="comma-separated multi-valued feature columns of a table")
+    g.add_argument("--multi", help="comma-separated multi-valued feature columns of a table; added to --features "
+                                   "when not listed there")
+    g.add_argument("--positive-threshold", type=float, help="the search's: label >= this is positive")
+    g.add_argument("--positive-label", help="the search's: the label value that is positive")
     c.set_defaults(func=cmd_confirm)
 
 
@@ -95,8 +98,12 @@ def cmd_confirm(args) -> int:
     if tol is not None and not args.refine:
         raise UsageError("--refine-tolerance is given without --refine; add --refine or drop it")
     result = _review(args)
-    options = {k: v for k, v in (("label", args.label), ("features", parse_list(args.features) or None),
-                                 ("multi", parse_list(args.multi) or None)) if v}
+    features, multi = parse_list(args.features), parse_list(args.multi)
+    if features:  # as the search's --features/--multi (cli._raw)
+        features += [m for m in multi if m not in features]
+    options = {k: v for k, v in (("label", args.label), ("features", features or None), ("multi", multi or None),
+                                 ("threshold", args.positive_threshold), ("positive_label", args.positive_label))
+               if v is not None}
     data = rebuild_data(result, args.data, **options)
     st = result.extra["settings"]
     # --refine: round 0, then about two rounds of one proposal per searched feature (search/refine.py)
