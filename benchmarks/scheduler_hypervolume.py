@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines import EncodedDataset, prepare  # noqa: E402
 from search.pareto import hypervolume  # noqa: E402
+from search.ranking import nondominated_ranks  # noqa: E402
 from search.runner import SearchSettings, reference_point, run_search  # noqa: E402
 from search.space import SearchSpec, build_space  # noqa: E402
 
@@ -188,8 +189,7 @@ def oracle_epochs(fifo: Run, grace: int, ref: tuple[float, float], share: float 
     finals = [(t[-1][0], t[-1][1]) for t in fifo.trials]
     lens = [len(t) for t in fifo.trials]
     full = front_hv(finals, ref)
-    keep = {i for i, (a, b) in enumerate(finals)
-            if not any(a2 >= a and b2 <= b and (a2 > a or b2 < b) for a2, b2 in finals)}
+    keep = set(np.flatnonzero(nondominated_ranks([(-a, b) for a, b in finals]) == 0).tolist())
     while True:
         cost = {}
         for i in keep:

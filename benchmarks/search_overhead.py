@@ -61,19 +61,20 @@ def ray_round(data, space, configs, epochs: int, cpus: int) -> dict:
             "store_create": store_create}
 
 
-def sequential_round(data, space, configs, epochs: int) -> float:
-    """The same trials one after another in this process, one thread each: the sum of their times."""
+def trial_seconds(data, space, config: dict, epochs: int) -> float:
+    """One fixed trial trained in this process on one thread, as a Ray trial trains it: its seconds."""
     from pipelines import train
     from search.trial import TrialSettings, train_config
 
-    ts = TrialSettings(max_epochs=epochs, patience=0, cpus=1)
-    total = 0.0
-    for config in configs.values():
-        model_cfg, overrides = space.decode(config)
-        t = time.perf_counter()
-        train(model_cfg, train_config(ts, overrides), data)
-        total += time.perf_counter() - t
-    return total
+    model_cfg, overrides = space.decode(config)
+    t = time.perf_counter()
+    train(model_cfg, train_config(TrialSettings(max_epochs=epochs, patience=0, cpus=1), overrides), data)
+    return time.perf_counter() - t
+
+
+def sequential_round(data, space, configs, epochs: int) -> float:
+    """The same trials one after another in this process: the sum of their times."""
+    return sum(trial_seconds(data, space, config, epochs) for config in configs.values())
 
 
 _pool_data = None
@@ -90,15 +91,8 @@ def _pool_init(barrier) -> None:
 
 
 def _pool_trial(item: tuple[dict, int]) -> float:
-    from pipelines import train
-    from search.trial import TrialSettings, train_config
-
     config, epochs = item
-    data, space = _pool_data
-    model_cfg, overrides = space.decode(config)
-    t = time.perf_counter()
-    train(model_cfg, train_config(TrialSettings(max_epochs=epochs, patience=0, cpus=1), overrides), data)
-    return time.perf_counter() - t
+    return trial_seconds(*_pool_data, config, epochs)
 
 
 def pool_round(configs, epochs: int, cpus: int) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .download import fetch_movielens
 from .movielens import load_movielens
-from .schema import RawDataset
+from .schema import RawDataset, check_label_options
 from .synthetic import SyntheticSpec, generate
 from .tabular import load_table, supported_formats, table_format
 
@@ -38,9 +38,7 @@ def load(
     """Load ``source`` (see ``describe_sources``); options that do not apply to its kind are refused, not ignored.
 
     ``positive_label``: a table's label value that is positive (the rest negative), for a text label."""
-    if threshold is not None and positive_label is not None:
-        raise ValueError("--positive-threshold and --positive-label both given; use the threshold for a numeric "
-                         "label or the label value for a text one, not both")
+    check_label_options(threshold, positive_label)  # before any file is read
     if source == "synthetic":
         _refuse("synthetic", label=label, features=features, multi=multi, threshold=threshold, time=time,
                 buckets=buckets, delimiter=delimiter, sep=None if sep == "|" else sep, positive_label=positive_label)

@@ -63,9 +63,7 @@ def binarize_label(values: pd.Series, rule: LabelRule) -> np.ndarray:
     if values.isna().any():
         n = int(values.isna().sum())
         raise ValueError(f"label column '{rule.column}' has {n} missing values; drop those rows or fill them")
-    if rule.threshold is not None and rule.positive is not None:
-        raise ValueError("--positive-threshold and --positive-label both given; use the threshold for a numeric "
-                         "label or the label value for a text one, not both")
+    check_label_options(rule.threshold, rule.positive)
     if rule.positive is not None:
         text = values.astype(str).str.strip()
         want = str(rule.positive).strip()
@@ -119,6 +117,13 @@ def binarize_label(values: pd.Series, rule: LabelRule) -> np.ndarray:
             f"after applying the rule; choose another column or threshold"
         )
     return y
+
+
+def check_label_options(threshold: float | None, positive: str | None) -> None:
+    """A label is binarized by a threshold (numbers) or by its positive value (text), not by both."""
+    if threshold is not None and positive is not None:
+        raise ValueError("--positive-threshold and --positive-label both given; use the threshold for a numeric "
+                         "label or the label value for a text one, not both")
 
 
 # text label pairs whose positive value is known (compared stripped and lower-cased): positive first

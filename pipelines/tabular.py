@@ -73,7 +73,7 @@ def load_table(
     _check_columns(label, list(features), list(multi), time, buckets)
     needed = list(dict.fromkeys([*features, label, *([time] if time else [])]))
     if fmt == "parquet":
-        frame, delim = _read_parquet(path, needed), None
+        frame, delim = _read_parquet(path, needed, list(multi), sep), None
     else:
         try:
             delim = _delimiter(path, delimiter)
@@ -89,7 +89,6 @@ def load_table(
         raise ValueError(f"table file '{path}' has a header but no data rows; give a file with rows")
     y = binarize_label(frame[label], LabelRule(label, threshold, positive_label))
     for name in features:
-        frame[name] = _list_cells(frame[name], name, name in multi, sep)
         _check_learnable(frame[name], name, name in buckets)
     specs = tuple(Feature(n, multi=n in multi, sep=sep, buckets=buckets.get(n)) for n in features)
     meta = {"source": str(path), "format": fmt, "delimiter": delim, "label": label, "threshold": threshold}
@@ -181,17 +180,43 @@ def _bad_utf8_offset(path: Path, fallback: int) -> int:
     return fallback
 
 
-def _read_parquet(path: Path, needed: list[str]) -> pd.DataFrame:
+def _read_parquet(path: Path, needed: list[str], multi: list[str], sep: str) -> pd.DataFrame:
+    """The needed columns; a list column of a multi-valued feature becomes its 'a|b' text, and a struct or undeclared
+    list column is refused (told apart by the file's schema, so flat columns are not scanned cell by cell)."""
     import pyarrow
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
-        _check_unique(path, needed, names)
-        _check_present(path, needed, names, None)
-        return pd.read_parquet(path, columns=needed)
+        schema = pq.read_schema(path)
+        _check_unique(path, needed, schema.names)
+        _check_present(path, needed, schema.names, None)
+        frame = pd.read_parquet(path, columns=needed)
     except pyarrow.ArrowException as e:  # a corrupt or truncated file: pyarrow's message does not name it
         raise ValueError(f"'{path}' is not a readable Parquet file ({e}); check the file or convert it again") from None
+    for name in needed:
+        kind = schema.field(name).type
+        if pyarrow.types.is_struct(kind) or pyarrow.types.is_map(kind):
+            raise ValueError(
+                f"column '{name}' holds structs (dict values), which are not categorical values; flatten it into one "
+                "column per field"
+            )
+        if pyarrow.types.is_list(kind) or pyarrow.types.is_large_list(kind) or pyarrow.types.is_fixed_size_list(kind):
+            if name not in multi:
+                raise ValueError(f"column '{name}' holds lists; declare it with --multi {name}")
+            frame[name] = frame[name].map(lambda cell: _joined(cell, name, sep), na_action="ignore")
+    return frame
+
+
+def _joined(cell, name: str, sep: str):
+    """A list cell as the 'a|b' text a multi-valued cell has; an empty list is missing, as an empty cell."""
+    tokens = [_spell(t) for t in cell if t is not None and not (isinstance(t, float) and np.isnan(t))]
+    for token in tokens:
+        if sep in token:
+            raise ValueError(
+                f"column '{name}' has the list element {token!r}, which contains the separator {sep!r}; "
+                "pass another --sep"
+            )
+    return sep.join(tokens) if tokens else np.nan
 
 
 def _check_unique(path: Path, needed: list[str], names: list) -> None:
@@ -225,40 +250,6 @@ def _check_present(path: Path, needed: list[str], columns: list[str], delim: str
                 f"wrong; pass --delimiter {others[0]!r}"
             )
     raise ValueError(message)
-
-
-def _list_cells(values: pd.Series, name: str, multi: bool, sep: str) -> pd.Series:
-    """A Parquet list column as the 'a|b' text a multi-valued cell has; a struct or undeclared list column refused."""
-    if values.dtype != object:
-        return values
-    if values.map(lambda v: isinstance(v, dict)).any():
-        raise ValueError(
-            f"column '{name}' holds structs (dict values), which are not categorical values; flatten it into one "
-            "column per field"
-        )
-    lists = values.map(_is_list)
-    if not lists.any():
-        return values
-    if not multi:
-        raise ValueError(f"column '{name}' holds lists; declare it with --multi {name}")
-
-    def join(cell):
-        if not _is_list(cell):
-            return cell  # a string cell already in the 'a|b' form, or a missing one
-        tokens = [_spell(t) for t in cell if t is not None and not (isinstance(t, float) and np.isnan(t))]
-        for token in tokens:
-            if sep in token:
-                raise ValueError(
-                    f"column '{name}' has the list element {token!r}, which contains the separator {sep!r}; "
-                    "pass another --sep"
-                )
-        return sep.join(tokens) if tokens else np.nan  # an empty list is missing, as an empty cell
-
-    return values.map(join)
-
-
-def _is_list(value) -> bool:
-    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _check_learnable(values: pd.Series, name: str, numeric: bool) -> None:

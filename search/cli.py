@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .parsing import parse_bytes, parse_dims, parse_ints, parse_list
+from .parsing import feature_columns, parse_bytes, parse_dims, parse_ints
 
 
 class UsageError(Exception):
@@ -82,9 +82,7 @@ def _raw(args):
 
     if args.rows is not None and args.rows < 1:
         raise UsageError(f"--rows is {args.rows}, but must be >= 1")
-    features, multi = parse_list(args.features), parse_list(args.multi)
-    if features:  # `--features user_id,item_id --multi tags` reads as three features, one of them multi-valued
-        features += [m for m in multi if m not in features]
+    features, multi = feature_columns(args.features, args.multi)
     return load(
         args.data,
         label=args.label,

@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .parsing import parse_list
+from .parsing import feature_columns
 
 
 def add_review_commands(sub) -> None:
@@ -98,9 +98,7 @@ def cmd_confirm(args) -> int:
     if tol is not None and not args.refine:
         raise UsageError("--refine-tolerance is given without --refine; add --refine or drop it")
     result = _review(args)
-    features, multi = parse_list(args.features), parse_list(args.multi)
-    if features:  # as the search's --features/--multi (cli._raw)
-        features += [m for m in multi if m not in features]
+    features, multi = feature_columns(args.features, args.multi)
     options = {k: v for k, v in (("label", args.label), ("features", features or None), ("multi", multi or None),
                                  ("threshold", args.positive_threshold), ("positive_label", args.positive_label))
                if v is not None}

@@ -45,6 +45,15 @@ def parse_list(text: str | None) -> list[str]:
     return [p.strip() for p in (text or "").split(",") if p.strip()]
 
 
+def feature_columns(features: str | None, multi: str | None) -> tuple[list[str], list[str]]:
+    """--features and --multi as lists; `--features user_id,item_id --multi tags` reads as three features, one of
+    them multi-valued (a --multi column not listed in --features joins them)."""
+    names, multi_names = parse_list(features), parse_list(multi)
+    if names:
+        names += [m for m in multi_names if m not in names]
+    return names, multi_names
+
+
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(p) for p in parse_list(text))
