@@ -3,7 +3,8 @@
 Index 0 of every vocabulary is the unknown bucket. It receives, in one documented way:
 values never seen in the training split, values rarer than ``min_freq`` in it, and missing values (NaN/None/"").
 A present value is spelled as one string token (``normalize``): 196, 196.0 and "196" are "196"; a bool is "True" or
-"False" in every column type (as a bool column spells it), never "1" or "0".
+"False" in every column type (as a bool column spells it), never "1" or "0". Leading and trailing whitespace is not
+part of a value (" 5 " is "5", as a multi-valued cell's tokens are stripped), so a cell of only whitespace is missing.
 A multi-valued cell is split on its separator; an empty or missing cell becomes the one-element bag ``[0]``.
 """
 from __future__ import annotations
@@ -37,11 +38,14 @@ def normalize(values: pd.Series) -> pd.Series:
 
 def _spell(value) -> str:
     """A present value's category string: a whole float as its int ("196"), inf and floats past int64 as floats,
-    a bool (Python or numpy) as "True"/"False", apart from 1 and 0."""
+    a bool (Python or numpy) as "True"/"False", apart from 1 and 0; text without leading or trailing whitespace.
+
+    The one rule training (``Encoder.fit``) and scoring (``transform``, either path) share, so a served ' 5' finds
+    training's '5'; "" (all whitespace) is then missing in both."""
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == math.floor(value) \
             and abs(value) < 2.0**63:
         return str(int(value))
-    return str(value)
+    return str(value).strip()
 
 
 def bucketize(values: pd.Series, edges: tuple[float, ...]) -> pd.Series:

@@ -22,7 +22,8 @@ NA_STRINGS = (  # pandas' default missing-value strings, for the label and time 
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
     "NULL", "NaN", "None", "n/a", "nan", "null",
 )
-WHOLE_FLOAT = r"^([+-]?\d+)\.0+$"  # an integer written as a float ("196.0"); pure digits ("00123") are not touched
+# an integer written as a float ("196.0", " 196.0 " as encode strips it); pure digits ("00123") are not touched
+WHOLE_FLOAT = r"^\s*([+-]?\d+)\.0+\s*$"
 
 
 def table_format(path: Path) -> str | None:

@@ -94,7 +94,7 @@ def test_column_take_gathers_bags(bags, data):
     assert got == [bags[r] for r in rows]
 
 
-cells = st.one_of(st.none(), st.sampled_from(["a", "b", "c", "", "a|b", "b|zz", "c| a", "zz"]))
+cells = st.one_of(st.none(), st.sampled_from(["a", "b", "c", "", "a|b", "b|zz", "c| a", "zz", " a", "b ", " "]))
 
 
 @given(st.lists(cells, min_size=1, max_size=40), st.lists(cells, min_size=1, max_size=40))
@@ -108,6 +108,7 @@ def test_encoder_matches_naive_per_row_mapping(train_cells, new_cells):
         return vocab.categories.index(token) + 1 if token and token in vocab.categories else 0
 
     s_vocab, m_vocab = enc.vocabs["s"], enc.vocabs["m"]
+    assert all(c == c.strip() and c for c in s_vocab.categories)  # " a" is "a", " " is missing
     assert out["s"].values.tolist() == [index(s_vocab, c) for c in new_cells]
     bags = [[index(m_vocab, t) for t in (c.split("|") if c else [None])] for c in new_cells]
     col = out["m"]

@@ -161,3 +161,27 @@ def test_save_model_replaces_an_export_but_not_other_folders(trained, exported, 
     with pytest.raises(ValueError, match="is not an embsize export"):
         save_model(other, model, data.encoder, recipe)
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_export_scores_padded_values_as_training_spelled_them(tmp_path):
+    """A CSV with ' 5', '5 ' and '5' trains one category; the export (what the pyfunc model serves) maps a served
+    ' 5' to training's '5', on both the small-frame and the vectorised path."""
+    from pipelines.tabular import load_table
+
+    rng = np.random.default_rng(0)
+    n = 300
+    path = tmp_path / "w.csv"
+    pd.DataFrame({"item": rng.choice([" 5", "5 ", "5", "6", " 7"], n), "user": rng.choice(["a", "b", "c"], n),
+                  "y": (rng.random(n) < 0.5).astype(int)}).to_csv(path, index=False)
+    data = prepare(load_table(path, label="y", features=["item", "user"]))
+    assert data.encoder.vocabs["item"].categories == ["5", "6", "7"]
+    model_cfg = ModelConfig({"item": 2, "user": 2}, (4,))
+    model = train(model_cfg, TrainConfig(max_epochs=1, batch_size=64), data, train_on_val=True).model
+    export = save_model(tmp_path / "export", model, data.encoder, Recipe(data.features, model_cfg, TrainConfig()), {})
+    loaded, encoder = load_model(export)
+    rows = pd.DataFrame({"item": [" 5", "5", "5 ", "\t5 ", "7", " 7"], "user": ["a"] * 6})
+    assert encoder.transform(rows)["item"].values.tolist() == [1, 1, 1, 1, 3, 3]
+    encoder.SMALL_FRAME = -1  # the vectorised path, as a large batch takes
+    assert encoder.transform(rows)["item"].values.tolist() == [1, 1, 1, 1, 3, 3]
+    s = score(loaded, encoder, rows)
+    assert s[0] == s[1] == s[2] == s[3] and s[4] == s[5]

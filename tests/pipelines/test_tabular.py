@@ -318,3 +318,16 @@ def test_load_table_header_name_with_spaces_is_named(tmp_path):
         "column 'item' is not in 's.csv', but the file's header has ' item ' with a leading and trailing space; "
         "remove the space from the header, or name the column ' item '"
     )
+
+
+def test_load_table_whitespace_around_a_category_is_insignificant(tmp_path):
+    path = tmp_path / "w.csv"
+    item = [" 5", "5 ", "5", " 5.0 ", "   ", "", "7", " 7 "] * 10
+    frame = pd.DataFrame({"item": item, "user": [f"u{i % 4}" for i in range(80)], "y": [0, 1] * 40})
+    frame.to_csv(path, index=False)
+    raw = load_table(path, label="y", features=["item", "user"])
+    data = prepare(raw, fractions=(0.9, 0.1, 0.0))
+    assert data.encoder.vocabs["item"].categories == ["5", "7"]  # one '5' however padded; '   ' is missing, as ''
+    assert data.encoder.transform(raw.frame)["item"].values[:8].tolist() == [1, 1, 1, 1, 0, 0, 2, 2]
+    codes = data.encoder.transform(pd.DataFrame({"item": [" 5", "5 ", "5", "   ", ""], "user": ["u0"] * 5}))
+    assert codes["item"].values.tolist() == [1, 1, 1, 0, 0]

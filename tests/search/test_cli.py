@@ -76,6 +76,17 @@ def test_cli_multi_column_joins_the_features(tmp_path):
     assert [(f.name, f.multi) for f in _raw(listed).features] == [("tags", True), ("user", False)]
 
 
+def test_cli_train_padded_csv_cells_are_one_category(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "padded.csv"
+    pd.DataFrame({"item": [" 5", "5 ", "5", "7", " 7 ", "   "] * 20, "user": ["u1", "u2", "u3"] * 40,
+                  "y": [0, 1, 1, 0] * 30}).to_csv(path, index=False)
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--data", str(path), "--label", "y", "--features", "item,user", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "cardinalities item=3, user=4" in out  # '5' and '7' plus the unknown bucket ('   ' is missing)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
