@@ -22,8 +22,9 @@ NA_STRINGS = (  # pandas' default missing-value strings, for the label and time 
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
     "NULL", "NaN", "None", "n/a", "nan", "null",
 )
-# an integer written as a float ("196.0", " 196.0 " as encode strips it); pure digits ("00123") are not touched
-WHOLE_FLOAT = r"^\s*([+-]?\d+)\.0+\s*$"
+# an integer written as a float ("196.0", " 196.0 " as encode strips it); pure digits ("00123") are not touched. ASCII
+# whitespace spelled out: with `\s` pandas runs the regex in Python, not pyarrow (4.2 s vs 0.15 s on 2M cells)
+WHOLE_FLOAT = r"^[\t\n\x0b\x0c\r ]*([+-]?\d+)\.0+[\t\n\x0b\x0c\r ]*$"
 
 
 def table_format(path: Path) -> str | None:
