@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import re
 from pathlib import Path
 
@@ -331,3 +332,33 @@ def test_load_table_whitespace_around_a_category_is_insignificant(tmp_path):
     assert data.encoder.transform(raw.frame)["item"].values[:8].tolist() == [1, 1, 1, 1, 0, 0, 2, 2]
     codes = data.encoder.transform(pd.DataFrame({"item": [" 5", "5 ", "5", "   ", ""], "user": ["u0"] * 5}))
     assert codes["item"].values.tolist() == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "name, body, line, fields, fix",
+    [
+        ("long.csv", "u1,a,1\nu2,b,0,extra\n", 2, 4, "quote a value that contains ','"),
+        ("trailing.csv", "u1,a,1\nu2,b,0,\n", 2, 4, "quote a value that contains ','"),  # pandas' usecols dropped it
+        ("short.csv", "u1,a,1\n\nu2,b\n", 3, 2, "give each column a field, empty if missing"),  # blank lines count
+        ("quoted.csv", 'u1,"a\nb",1\nu2,b,0,9\n', 3, 4, "quote a value that contains ','"),  # a value's newline too
+        ("long.csv.gz", "u1,a,1\nu2,b,0,extra\n", 2, 4, "quote a value that contains ','"),
+    ],
+)
+def test_load_table_row_with_another_field_count_is_refused(tmp_path, name, body, line, fields, fix):
+    """``line`` counts within ``body``: the header and 10 good rows come first."""
+    path = tmp_path / name
+    rows = "user,item,y\n" + "".join(f"u{i},i{i % 3},{i % 2}\n" for i in range(10)) + body
+    path.write_bytes(gzip.compress(rows.encode()) if name.endswith(".gz") else rows.encode())
+    with pytest.raises(ValueError) as e:
+        load_table(path, label="y", features=["user", "item"])
+    assert str(e.value) == (
+        f"line {line + 11} of '{path}' has {fields} fields, but the header has 3; fix the row ({fix}), or pass the "
+        "right --delimiter"
+    )
+
+
+def test_load_table_blank_lines_and_quoted_delimiters_keep_the_field_count(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_text('user,item,y\n"u,1",a,1\n   \n\nu2,"b\nc",0\n' + "".join(f"u{i},i{i},{i % 2}\n" for i in range(6)))
+    raw = load_table(path, label="y", features=["user", "item"])
+    assert raw.frame["user"].tolist()[:2] == ["u,1", "u2"] and raw.frame["item"][1] == "b\nc" and len(raw) == 8

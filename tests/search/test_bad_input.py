@@ -27,6 +27,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     ok.assign(y=1).to_csv(d / "constant.csv", index=False)
     ok.assign(y=["click", "noclick"] * 20).to_csv(d / "click.csv", index=False)
     ok.assign(y=[0, 1, None, 1] * 10).to_csv(d / "holes.csv", index=False)
+    (d / "long_row.csv").write_text(ok.to_csv(index=False) + "a,p,0,1,x,extra\n")  # pandas' usecols dropped it
+    (d / "short_row.csv").write_text(ok.to_csv(index=False) + "a,p\n")
     (d / "empty.csv").write_text("")
     (d / "header.csv").write_text("user,item,y\n")
     (d / "notes.txt").write_text("hello")
@@ -66,6 +68,11 @@ CASES = [
     (["search", "--data", "{semi.csv}", "--delimiter", ",", *CSV], "pass --delimiter ';'"),
     (["search", "--data", "{ok.csv}", "--delimiter", ";", *CSV], "--delimiter"),
     (["search", "--data", "movielens-9m"], "is not known"),
+    (["search", "--data", "{long_row.csv}", *CSV], "line 42 of '"),
+    (["search", "--data", "{long_row.csv}", *CSV], "long_row.csv' has 6 fields, but the header has 5; fix the row "
+                                                    "(quote a value that contains ','), or pass the right --delimiter"),
+    (["train", "--data", "{short_row.csv}", *CSV], "short_row.csv' has 2 fields, but the header has 5; fix the row "
+                                                   "(give each column a field, empty if missing), or pass the right"),
     # labels and features
     (["search", "--data", "{ok.csv}", "--label", "nolabel", "--features", "user"], "column 'nolabel' is not in"),
     (["search", "--data", "{constant.csv}", *CSV], "constant"),
@@ -190,6 +197,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["search", "--rows", "2000", "--tracking-uri", "http://127.0.0.1:{closed}"], "tracking server"),
         (["search", "--rows", "2000", "--address", "127.0.0.1:{closed}"], "Ray cluster"),
         (["search", "--rows", "2000", "--spec", "{invalid.yaml}"], "not valid YAML"),
+        (["search", "--data", "{long_row.csv}", *CSV], "has 6 fields, but the header has 5"),
     ],
 )
 def test_bad_input_in_a_real_process(args, fragment, files, tmp_path):
