@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -120,3 +121,54 @@ def test_confirm_rebuilt_data_must_match_the_searchs_fingerprint(ray_session, tm
     assert rebuild_data(reviewed).fingerprint == reviewed.extra["params"]["dataset.fingerprint"]
     with pytest.raises(ValueError, match="but the search trained on"):
         rebuild_data(reviewed, "synthetic", synthetic_rows=5_000)
+
+
+def _clicks(path, n: int = 600) -> None:
+    """A table whose label is text (click/noclick) and learnable from both features."""
+    rng = np.random.default_rng(0)
+    user, item = rng.integers(0, 20, n), rng.integers(0, 12, n)
+    p = 1 / (1 + np.exp(-(1.5 * (user % 3 - 1) + (item % 2 - 0.5))))
+    pd.DataFrame({"user": [f"u{u}" for u in user], "item": [f"i{i}" for i in item],
+                  "y": np.where(rng.random(n) < p, "click", "noclick")}).to_csv(path, index=False)
+
+
+@pytest.mark.slow
+def test_confirm_rebuilds_a_text_label_table_with_its_positive_label(ray_session, tmp_path, monkeypatch, capsys):
+    """`embsize search --positive-label click` on a CSV, then `embsize confirm` with the same option: confirm rebuilds
+    the search's data (same fingerprint, hence the same 0/1 labels) and retrains; without the option, or with the
+    other value, it refuses in one line and writes nothing."""
+    csv = tmp_path / "clicks.csv"
+    _clicks(csv)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    table = ["--label", "y", "--features", "user,item"]
+    code = main(["search", "--data", str(csv), *table, "--positive-label", "click", "--trials", "2", "--max-epochs",
+                 "2", "--no-heuristics", "--max-dim", "4", "--name", "clicks", "--tracking-uri", uri])
+    searched = capsys.readouterr()
+    assert code == 0, searched.err[-2000:]
+    reviewed = load_review("clicks", uri)
+    fingerprint = reviewed.extra["params"]["dataset.fingerprint"]
+
+    out = tmp_path / "confirm"  # the table's path comes from the run; the label options from the command line
+    code = main(["confirm", "clicks", *table, "--positive-label", "click", "--seeds", "2", "--workers", "1",
+                 "--tracking-uri", uri, "--out", str(out)])
+    confirmed = capsys.readouterr()
+    assert code == 0, confirmed.err[-2000:]
+    assert "fingerprint" not in confirmed.out + confirmed.err
+    assert Recipe.load(out / "confirmed.yaml").dataset["fingerprint"] == fingerprint
+    assert set(pd.read_csv(out / "confirm.csv")["trial_id"]) >= {reviewed.recommended["trial_id"]}
+    assert MlflowClient(uri).get_run(reviewed.parent_run_id).data.tags["confirmed_trial"] in confirmed.out
+
+    refused = {  # no option: the label rule asks for it; the other value: other labels, so another fingerprint
+        (): "label column 'y' has the text values 'click' and 'noclick'; say which one is positive with "
+            "--positive-label click",
+        ("--positive-label", "noclick"): f"but the search trained on {fingerprint}; give the search's data and "
+                                         "options with --data (and --label/--features)",
+    }
+    for option, message in refused.items():
+        elsewhere = tmp_path / "refused"
+        assert main(["confirm", "clicks", *table, *option, "--tracking-uri", uri, "--out", str(elsewhere)]) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("embsize: error: ") and message in lines[0], err
+        assert not elsewhere.exists()
