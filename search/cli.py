@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -214,7 +215,8 @@ def cmd_search(args) -> int:
             f"--memory-budget {budget:,} bytes is below the smallest model in the search space "
             f"({space.min_bytes():,} bytes); raise the budget or lower --min-dim/--hidden"
         )
-    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dated = re.sub(r"[^A-Za-z0-9._-]", "_", f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = args.name or _fresh_name(out_dir, dated)
     settings = SearchSettings(
         name=name, trials=args.trials, max_epochs=args.max_epochs, patience=args.patience,
         batch_size=(args.gpu_batch_size or args.batch_size) if args.gpus_per_trial else args.batch_size,
@@ -230,20 +232,39 @@ def cmd_search(args) -> int:
     previous = resume.load(settings.out)
     if previous is not None:  # run_search checks again; here it is refused before anything is printed
         resume.check_same(previous, resume.identity(settings, data, space, uri), name)
+        resume.check_not_running(settings.out, name)
     print(f"data: {info['source']}")
     print(data.summary())
     if previous is not None:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
-    progress = _Progress(args.trials)
-    command = _command(args, name, out_dir, uri)
-    try:
-        result = run_search(data, space, settings, info, on_event=progress, command=command)
-    except NoTrialCompleted as e:
-        raise SearchFailed(str(e)) from None
+    while True:
+        progress = _Progress(args.trials)
+        command = _command(args, name, out_dir, uri)
+        try:
+            result = run_search(data, space, settings, info, on_event=progress, command=command, fresh=not args.name)
+            break
+        except NoTrialCompleted as e:
+            raise SearchFailed(str(e)) from None
+        except (resume.SearchRunning, resume.NameTaken):
+            if args.name:
+                raise
+            # a search started in the same second took this dated name first (between _fresh_name and its claim)
+            taken, name = name, _fresh_name(out_dir, dated)
+            settings = dataclasses.replace(settings, name=name)
+            print(f"search name '{taken}' was taken by a search started at the same moment; this one is '{name}'")
     _print_result(result)
     return 0
+
+
+def _fresh_name(out_dir: Path, base: str) -> str:
+    """The dated default name, or BASE-2, BASE-3, ... when a search in OUT has it already (searches a script starts
+    within the same second): an existing name would continue that search, which only --name and --resume ask for."""
+    name, k = base, 2
+    while (out_dir / name).exists():
+        name, k = f"{base}-{k}", k + 1
+    return name
 
 
 def _command(args, name: str, out_dir: Path, uri: str) -> dict:

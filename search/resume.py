@@ -12,7 +12,9 @@ search.json continues it:
   driver left RUNNING are closed KILLED (outcome ``interrupted``), and the ones Ray continues are reopened.
 
 A run with the same name but a different defining setting is refused with the setting named: a search is one
-experiment, and Ray and Optuna cannot change its space or budget midway. Where it runs may change: the Ray address,
+experiment, and Ray and Optuna cannot change its space or budget midway. A search that another process is running is
+refused too (OUT/NAME/.running.lock, held while a driver runs it): two drivers would interleave their trials in one
+Ray experiment, one Optuna study and one MLflow parent run. Where it runs may change: the Ray address,
 the number of local CPUs and ``--max-failures``; so may the recommendation rule (``--knee``, ``--epsilon``), which is
 applied afresh to all the trials.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 STATE_FILE = "search.json"
+LOCK_FILE = ".running.lock"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # May change between the start and a resume of a search: where and with how many failures it runs, and the rule that
 # picks the recommendation from the trials (applied afresh at the end).
@@ -49,6 +53,43 @@ def check_name(name: str) -> str:
             "starting with a letter or digit)"
         )
     return name
+
+
+class SearchRunning(ValueError):
+    """Another process is running this search now."""
+
+
+class NameTaken(ValueError):
+    """A search that must be new (a dated default name) found a search of its name."""
+
+
+@contextmanager
+def claimed(out: Path, name: str):
+    """Hold OUT/NAME for this process while the body runs, or raise ``SearchRunning`` at once if another holds it.
+
+    An OS file lock (filelock's fcntl/msvcrt lock): the OS releases it when its process ends, killed or not, so an
+    interrupted search never leaves a stale claim behind, and the lock file may stay."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(out / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SearchRunning(
+            f"search '{name}' is running in another process now (it holds '{out / LOCK_FILE}'); wait for it to end "
+            "or stop it, or give this search another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_not_running(out: Path, name: str) -> None:
+    """Raise ``SearchRunning`` if another process holds OUT/NAME now (a check before printing; ``claimed`` holds it)."""
+    if (out / LOCK_FILE).is_file():
+        with claimed(out, name):
+            pass
 
 
 def identity(settings: SearchSettings, data: EncodedDataset, space: SearchSpace, uri: str) -> dict:

@@ -111,11 +111,13 @@ def run_search(
     on_event: Callable | None = None,
     baselines: dict[str, dict] | None = None,
     command: dict | None = None,
+    fresh: bool = False,
 ) -> SearchResult:
     """Run the search, or continue it when OUT/NAME holds an interrupted (or finished) one with the same settings.
 
     ``baselines`` (label -> config) replaces the heuristic baselines when given; ``command`` (the CLI's options) is
-    kept in search.json for ``embsize search --resume NAME``. Before anything is written or launched, the tracking
+    kept in search.json for ``embsize search --resume NAME``. ``fresh``: never continue a search; ``resume.NameTaken``
+    if OUT/NAME holds one (the CLI's dated default names, which a search started in the same second may take). Before anything is written or launched, the tracking
     store and the Ray address must answer (search/preflight.py); a ``ValueError`` names what is wrong.
     """
     import optuna
@@ -140,6 +142,8 @@ def run_search(
     preflight.check(uri, settings.address)
     identity = resume.identity(settings, data, space, uri)
     previous = resume.load(out)
+    if previous is not None and fresh:
+        raise resume.NameTaken(f"search name '{settings.name}' is taken in '{out.parent}'")
     if previous is not None:
         resume.check_same(previous, identity, settings.name)
     # Ray Tune's experiment: a folder, or a URI string on remote storage (a Path would mangle s3://)
@@ -153,96 +157,101 @@ def run_search(
     if connected:
         _connect(settings, uri)
     out.mkdir(parents=True, exist_ok=True)
-    if previous is None:
-        resume.save(out, identity, command)
-    else:
-        log.info("continuing search '%s' in %s (%s)", settings.name, out,
-                 "Ray experiment restored" if restoring else "no Ray experiment state yet: trials start afresh")
-    info = dataset_info or {}
-    # MLflow's first use (import, schema migrations of a new SQLite store) takes seconds: open the parent run on a
-    # thread while Ray starts and launches the first trials; the trial-run writer waits for it.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
-    opened = pool.submit(_open_parent, uri, settings, data, info, previous is not None)
-    pool.shutdown(wait=False)
-    try:
-        if not connected:
-            _connect(settings, uri)
-        if baselines is not None:
-            heuristics = dict(baselines)
+    # Held until the search ends: a second driver of the same search (a resume while it runs, or the same --name
+    # twice) would interleave its trials in this Ray experiment, Optuna study and MLflow run.
+    with resume.claimed(out, settings.name):
+        if fresh and resume.load(out) is not None:  # written between the check above and the claim
+            raise resume.NameTaken(f"search name '{settings.name}' is taken in '{out.parent}'")
+        if previous is None:
+            resume.save(out, identity, command)
         else:
-            heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
-        scheduler = make_scheduler(
-            settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
-        trial_settings = TrialSettings(
-            settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
-            settings.cpus_per_trial, settings.sparse, decision_epochs(scheduler, settings.max_epochs),
-            settings.checkpoint_seconds,
-        )
-        trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
-        resources = {"cpu": settings.cpus_per_trial}
-        if settings.gpus_per_trial:
-            resources["gpu"] = settings.gpus_per_trial
-        trainable = tune.with_resources(trainable, resources)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
-        failures = tune.FailureConfig(max_failures=settings.max_failures)
-        if restoring:
-            tuner, runs = _restore(experiment, trainable, uri, opened, on_event, failures)
-        else:
-            storage = optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
-            searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
-            searcher.fail_untracked()  # a study an interrupted start left behind: its running trials are orphans
-            runs = tracking.TrialRuns(uri, opened, on_event)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=scheduler,
-                    num_samples=settings.trials + len(heuristics),
-                    max_concurrent_trials=concurrent,
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=settings.name,
-                    storage_path=settings.storage,
-                    callbacks=[runs, JsonLoggerCallback()],
-                    verbose=0,
-                    failure_config=failures,
-                    # Every checkpoint is kept while the search runs: Ray saves its experiment state (which
-                    # names each trial's checkpoint) every ~10 s and asynchronously, so with num_to_keep=1 or 2 a
-                    # killed driver leaves a state naming a checkpoint already deleted, and that trial cannot
-                    # resume. The checkpoints are deleted when the search has finished (_prune_checkpoints).
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                ),
-            )
+            log.info("continuing search '%s' in %s (%s)", settings.name, out,
+                     "Ray experiment restored" if restoring else "no Ray experiment state yet: trials start afresh")
+        info = dataset_info or {}
+        # MLflow's first use (import, schema migrations of a new SQLite store) takes seconds: open the parent run on a
+        # thread while Ray starts and launches the first trials; the trial-run writer waits for it.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
+        opened = pool.submit(_open_parent, uri, settings, data, info, previous is not None)
+        pool.shutdown(wait=False)
         try:
-            grid = tuner.fit()
-        finally:
-            runs.close()
-        c, exp_id, parent_id = opened.result()
-        if runs.unfinished or len(grid) < settings.trials + len(heuristics):  # Ray stops early on Ctrl-C / SIGUSR1
-            raise SearchInterrupted(
-                f"search '{settings.name}' was interrupted; continue it with "
-                f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
+            if not connected:
+                _connect(settings, uri)
+            if baselines is not None:
+                heuristics = dict(baselines)
+            else:
+                heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
+            scheduler = make_scheduler(
+                settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
+            trial_settings = TrialSettings(
+                settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
+                settings.cpus_per_trial, settings.sparse, decision_epochs(scheduler, settings.max_epochs),
+                settings.checkpoint_seconds,
             )
-        run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in tracking.child_runs(c, exp_id, parent_id)}
-        records = _records(grid, space, {**run_ids, **runs.runs})
-        ref = reference_point(space, heuristics)
-        result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
-        result.seconds = time.perf_counter() - started
-        _log_parent(c, parent_id, result)
-        tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
-        c.set_terminated(parent_id, "FINISHED")
-        _prune_checkpoints(experiment)
-        return result
-    except BaseException as e:
-        c, exp_id, parent_id = opened.result()
-        interrupted = isinstance(e, KeyboardInterrupt)
-        if interrupted:  # trial runs Ray stopped: closed KILLED, reopened when the search is resumed
-            tracking.close_interrupted(c, exp_id, parent_id)
-        c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
-        raise
+            trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
+            resources = {"cpu": settings.cpus_per_trial}
+            if settings.gpus_per_trial:
+                resources["gpu"] = settings.gpus_per_trial
+            trainable = tune.with_resources(trainable, resources)
+            cpus = ray.cluster_resources().get("CPU", 1)
+            concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
+            failures = tune.FailureConfig(max_failures=settings.max_failures)
+            if restoring:
+                tuner, runs = _restore(experiment, trainable, uri, opened, on_event, failures)
+            else:
+                storage = optuna.storages.JournalStorage(
+                    optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+                searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
+                searcher.fail_untracked()  # a study an interrupted start left behind: its running trials are orphans
+                runs = tracking.TrialRuns(uri, opened, on_event)
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        search_alg=searcher,
+                        scheduler=scheduler,
+                        num_samples=settings.trials + len(heuristics),
+                        max_concurrent_trials=concurrent,
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=settings.name,
+                        storage_path=settings.storage,
+                        callbacks=[runs, JsonLoggerCallback()],
+                        verbose=0,
+                        failure_config=failures,
+                        # Every checkpoint is kept while the search runs: Ray saves its experiment state (which
+                        # names each trial's checkpoint) every ~10 s and asynchronously, so with num_to_keep=1 or 2 a
+                        # killed driver leaves a state naming a checkpoint already deleted, and that trial cannot
+                        # resume. The checkpoints are deleted when the search has finished (_prune_checkpoints).
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                    ),
+                )
+            try:
+                grid = tuner.fit()
+            finally:
+                runs.close()
+            c, exp_id, parent_id = opened.result()
+            if runs.unfinished or len(grid) < settings.trials + len(heuristics):  # Ray stops early on Ctrl-C / SIGUSR1
+                raise SearchInterrupted(
+                    f"search '{settings.name}' was interrupted; continue it with "
+                    f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
+                )
+            run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in tracking.child_runs(c, exp_id, parent_id)}
+            records = _records(grid, space, {**run_ids, **runs.runs})
+            ref = reference_point(space, heuristics)
+            result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
+            result.seconds = time.perf_counter() - started
+            _log_parent(c, parent_id, result)
+            tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
+            c.set_terminated(parent_id, "FINISHED")
+            _prune_checkpoints(experiment)
+            return result
+        except BaseException as e:
+            c, exp_id, parent_id = opened.result()
+            interrupted = isinstance(e, KeyboardInterrupt)
+            if interrupted:  # trial runs Ray stopped: closed KILLED, reopened when the search is resumed
+                tracking.close_interrupted(c, exp_id, parent_id)
+            c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
+            raise
 
 
 def _connect(settings: SearchSettings, uri: str) -> None:

@@ -43,10 +43,20 @@ def client(uri: str):
     # trial is noise, and the URI may hold a password (the CLI prints the parent run once, credentials removed)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///") or uri[len("sqlite:///") :] in ("", ":memory:"):
+        return MlflowClient(uri)
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates and migrates a SQLite store's tables on its first open, with no lock of its own: two searches
+    # started together in a new project both found no tables, and the second died on the first's half-made schema
+    # ("no such column"). The first open in each process is serialized across processes (the lock file stays).
+    with FileLock(f"{db}.lock"):
+        c = MlflowClient(uri)
+        c.search_experiments(max_results=1)
+    return c
 
 
 def ensure_experiment(c, name: str, uri: str) -> str:

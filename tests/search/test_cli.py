@@ -140,3 +140,89 @@ def test_cli_epsilon_help_says_what_it_does_under_knee(monkeypatch, capsys):
         main(["search", "--help"])
     epsilon = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--epsilon"))
     assert "with --knee, " in epsilon and "--refine-tolerance" in epsilon
+
+
+@pytest.mark.slow
+def test_cli_a_search_running_in_another_process_is_not_continued(tmp_path):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["search", "--rows", "6000", "--trials", "3", "--max-epochs", "2", "--no-heuristics", "--name", "twice",
+            "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = tmp_path / "embsize-out" / "twice"
+    deadline = time.monotonic() + 120
+    while not ((out / "search.json").is_file() and (out / ".running.lock").is_file()) and first.poll() is None:
+        assert time.monotonic() < deadline, "the first search never started"
+        time.sleep(0.2)
+    state = (out / "search.json").read_text()
+    second = run(args, tmp_path)  # the same search again (as --resume twice would), while the first runs
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    if second.returncode == 0:
+        pytest.skip("the first search ended before the second started (a slow machine); nothing was run twice")
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"embsize: error: search 'twice' is running in another process now (it holds '{out / '.running.lock'}'); "
+        "wait for it to end or stop it, or give this search another --name"
+    ]
+    assert (out / "search.json").read_text() == state
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("embsize")
+    (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`embsize.kind` = 'search'")
+    trials = c.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and len(trials) == 3  # the first search's own trials, no one else's
+
+
+def test_cli_searches_started_in_the_same_second_get_their_own_names(tmp_path, monkeypatch):
+    # the dated default name of a search that a script starts beside another: never the other search's folder
+    import time
+
+    from search import cli
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261202-101010")
+    taken = tmp_path / "embsize-out" / "synthetic-20261202-101010"
+    taken.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_run_search(data, space, settings, info, on_event=None, command=None, fresh=False):
+        seen.update(name=settings.name, fresh=fresh, command=command["name"])
+        raise cli.UsageError("stop here")  # argument handling only: no search runs
+
+    monkeypatch.setattr("search.runner.run_search", fake_run_search)
+    assert cli.main(["search", "--rows", "500", "--trials", "1"]) == 2
+    assert seen == {"name": "synthetic-20261202-101010-2", "fresh": True, "command": "synthetic-20261202-101010-2"}
+
+
+def test_cli_a_dated_name_taken_at_the_last_moment_moves_on(tmp_path, monkeypatch, capsys):
+    # another search claimed the same dated name between the choice and run_search's claim: the next name is used
+    import time
+
+    from search import cli
+    from search.resume import NameTaken
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261202-101010")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_run_search(data, space, settings, info, on_event=None, command=None, fresh=False):
+        calls.append((settings.name, command["name"], fresh))
+        if len(calls) == 1:
+            (tmp_path / "embsize-out" / settings.name).mkdir(parents=True)  # what the other search did
+            raise NameTaken(f"search name '{settings.name}' is taken")
+        raise cli.UsageError("stop here")
+
+    monkeypatch.setattr("search.runner.run_search", fake_run_search)
+    assert cli.main(["search", "--rows", "500", "--trials", "1"]) == 2
+    assert calls == [("synthetic-20261202-101010", "synthetic-20261202-101010", True),
+                     ("synthetic-20261202-101010-2", "synthetic-20261202-101010-2", True)]
+    assert "this one is 'synthetic-20261202-101010-2'" in capsys.readouterr().out
+    calls.clear()  # with --name the user chose the name: no other is tried, and the search must not be fresh
+    assert cli.main(["search", "--rows", "500", "--trials", "1", "--name", "mine"]) == 2
+    assert calls == [("mine", "mine", False)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -90,3 +91,66 @@ def test_save_load_and_stored_command(tmp_path, data, space):
     (out / "search.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot be read"):
         load(out)
+
+
+def _hold(out: str, ready) -> None:
+    import time
+
+    from search.resume import claimed
+
+    with claimed(Path(out), "held"):
+        ready.set()
+        time.sleep(120)  # until killed
+
+
+def test_a_search_claimed_by_another_process_is_refused_until_that_process_ends(tmp_path):
+    import multiprocessing as mp
+
+    from search.resume import SearchRunning, check_not_running, claimed
+
+    out = tmp_path / "s"
+    out.mkdir()
+    check_not_running(out, "s")  # no lock file yet: nobody runs it
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(out), ready))
+    holder.start()
+    assert ready.wait(timeout=60)
+    with pytest.raises(SearchRunning, match=r"search 's' is running in another process now .*another --name"):
+        check_not_running(out, "s")
+    with pytest.raises(SearchRunning):
+        with claimed(out, "s"):
+            pytest.fail("claimed a search another process holds")
+    holder.kill()  # killed, not ended: the OS frees its lock all the same
+    holder.join(timeout=30)
+    check_not_running(out, "s")
+    with claimed(out, "s"):
+        with pytest.raises(SearchRunning):  # held by this process: a second claim here is refused as well
+            with claimed(out, "s"):
+                pass
+
+
+def test_fresh_search_refuses_a_taken_name_before_starting_anything(tmp_path, data, space):
+    import ray
+
+    from search.resume import NameTaken
+    from search.runner import run_search
+
+    settings = replace(SETTINGS, output_dir=str(tmp_path / "out"), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    settings.out.mkdir(parents=True)
+    save(settings.out, identity(settings, data, space, settings.tracking_uri), None)  # a search of that name
+    before = (settings.out / "search.json").read_text()
+    ray_before = ray.is_initialized()
+    with pytest.raises(NameTaken, match="search name 's' is taken in"):
+        run_search(data, space, settings, fresh=True)
+    assert ray.is_initialized() == ray_before  # no local Ray started for it
+    assert (settings.out / "search.json").read_text() == before and not (tmp_path / "m.db").exists()
+
+
+def test_fresh_name_skips_names_in_use(tmp_path):
+    from search.cli import _fresh_name
+
+    assert _fresh_name(tmp_path, "synthetic-20261202-101010") == "synthetic-20261202-101010"
+    (tmp_path / "synthetic-20261202-101010").mkdir()
+    (tmp_path / "synthetic-20261202-101010-2").mkdir()
+    assert _fresh_name(tmp_path, "synthetic-20261202-101010") == "synthetic-20261202-101010-3"
