@@ -99,13 +99,27 @@ def _raw(args):
     )
 
 
+# How a table or MovieLens is read: the options recorded with a search (see data_options)
+DATA_OPTIONS = ("label", "features", "multi", "sep", "positive_threshold", "positive_label", "time_column", "delimiter")
+
+
+def data_options(args) -> dict:
+    """How a table (or MovieLens) was read, as far as the user said: recorded with a search (its run's ``dataset.*``
+    params, its recipe's ``dataset``), so that ``confirm`` and ``train --config`` read the same data again without
+    the options typed anew. Keys are the options' dests; features and multi are comma-joined as typed."""
+    features, multi = feature_columns(args.features, args.multi)
+    given = {**{k: getattr(args, k) for k in DATA_OPTIONS}, "features": ",".join(features) or None,
+             "multi": ",".join(multi) or None, "sep": None if args.sep == "|" else args.sep}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _load(args) -> tuple[object, dict]:
     from pipelines import prepare
 
     raw = _raw(args)
     data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
     info = {"source": str(raw.meta.get("source", args.data)), "split": args.split, "min_freq": args.min_freq,
-            "seed": args.seed, "rows": len(raw)}
+            "seed": args.seed, "rows": len(raw), **data_options(args)}
     if "planted_dims" in raw.meta:
         info["planted_dims"] = raw.meta["planted_dims"]
     return data, info

@@ -214,6 +214,17 @@ def rebuild_data(result, source: str | None = None, **load_options) -> EncodedDa
         raise ValueError("the search's run records no dataset.source; give the data with --data")
     if src == "synthetic" and "dataset.rows" in p:
         load_options.setdefault("synthetic_rows", int(p["dataset.rows"]))
+    if src != "synthetic":  # how the search read its table / MovieLens (searches since 2026-12-02 record it)
+        for key, option in (("label", "label"), ("sep", "sep"), ("positive_label", "positive_label"),
+                            ("time_column", "time"), ("delimiter", "delimiter")):
+            if f"dataset.{key}" in p:
+                load_options.setdefault(option, p[f"dataset.{key}"])
+        if "dataset.positive_threshold" in p:
+            load_options.setdefault("threshold", float(p["dataset.positive_threshold"]))
+        if "features" not in load_options and "multi" not in load_options:  # columns named now replace both
+            for key in ("features", "multi"):
+                if f"dataset.{key}" in p:
+                    load_options[key] = p[f"dataset.{key}"].split(",")
     data = prepare(load(src, seed=seed, **load_options), split=split, seed=seed, min_freq=min_freq)
     expected = p.get("dataset.fingerprint")
     if expected and data.fingerprint != expected:

@@ -224,7 +224,7 @@ def train_recipe(args) -> int:
         _check_export_dir(Path(args.export))
     uri = _tracking_uri(args.tracking_uri, recipe)
     preflight.check_tracking(uri)  # before the data and the training: an unreachable store fails in seconds
-    args = _searched_synthetic(args, recipe)
+    args = _searched_data(args, recipe)
     raw = _raw(args)
     data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
     warning = check_data(recipe, data)
@@ -254,22 +254,31 @@ def train_recipe(args) -> int:
     return 0
 
 
-def _searched_synthetic(args, recipe: Recipe):
-    """For a recipe searched on synthetic data, ``args`` with the recipe's rows, seed, split and min_freq in place of
-    the ones not given (those at their default, as ``--resume`` takes them): synthetic data is rebuilt, not a
-    snapshot, so without data options `train --config` must rebuild the searched data, not the default 100000 rows.
-    A table or MovieLens is named again with --data and its options."""
+def _searched_data(args, recipe: Recipe):
+    """``args`` with the recipe's data options in place of the ones not given (those at their default, as
+    ``--resume`` takes them). Without --data: the searched data itself (the table or MovieLens folder, read as the
+    search read it; synthetic data rebuilt with its rows, not the default 100000). With --data (a newer snapshot):
+    the search's label, features and reading options, and its split, seed and min-freq. Columns named with
+    --features/--multi replace the recipe's both."""
     import argparse
 
-    from .cli import build_parser
+    from .cli import DATA_OPTIONS, build_parser
 
-    if recipe.dataset.get("source") != "synthetic" or args.data != "synthetic":
-        return args
-    defaults = vars(build_parser().parse_args(["train"]))
-    taken = {k: recipe.dataset[k] for k in ("rows", "seed", "split", "min_freq")
-             if k in recipe.dataset and getattr(args, k) == defaults[k]}
+    ds, defaults = recipe.dataset, vars(build_parser().parse_args(["train"]))
+    taken = {}
+    if args.data == defaults["data"] and ds.get("source") and ds["source"] != args.data:
+        taken["data"] = ds["source"]
+    data = taken.get("data", args.data)
+    keys = ["split", "seed", "min_freq"]
+    if data == "synthetic":
+        keys += ["rows"] if ds.get("source") == "synthetic" else []
+    else:
+        named = args.features is not None or args.multi is not None
+        keys += [k for k in DATA_OPTIONS if not (named and k in ("features", "multi"))]
+    taken.update({k: ds[k] for k in keys if k in ds and getattr(args, k) == defaults[k]})
     if taken:
-        print("data: synthetic, " + ", ".join(f"{k}={v}" for k, v in taken.items()) + " (the config's)")
+        told = ", ".join(f"{k}={v}" for k, v in taken.items() if k != "data")
+        print(f"data: {data}" + (f", {told}" if told else "") + " (the config's)")
     return argparse.Namespace(**{**vars(args), **taken})
 
 

@@ -133,42 +133,49 @@ def _clicks(path, n: int = 600) -> None:
 
 
 @pytest.mark.slow
-def test_confirm_rebuilds_a_text_label_table_with_its_positive_label(ray_session, tmp_path, monkeypatch, capsys):
-    """`embsize search --positive-label click` on a CSV, then `embsize confirm` with the same option: confirm rebuilds
-    the search's data (same fingerprint, hence the same 0/1 labels) and retrains; without the option, or with the
-    other value, it refuses in one line and writes nothing."""
+def test_confirm_and_train_reread_a_table_as_its_search_read_it(ray_session, tmp_path, monkeypatch, capsys):
+    """`embsize search` of a ';'-delimited CSV with a click/noclick label (--positive-label click): the search records
+    how it read the table, so `embsize confirm NAME` and `embsize train --config` with no data option rebuild the same
+    data (same fingerprint, hence the same 0/1 labels); another positive value is refused in one line, nothing
+    written."""
     csv = tmp_path / "clicks.csv"
     _clicks(csv)
+    csv.write_text(csv.read_text().replace(",", ";"))
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    table = ["--label", "y", "--features", "user,item"]
-    code = main(["search", "--data", str(csv), *table, "--positive-label", "click", "--trials", "2", "--max-epochs",
-                 "2", "--no-heuristics", "--max-dim", "4", "--name", "clicks", "--tracking-uri", uri])
+    code = main(["search", "--data", str(csv), "--label", "y", "--features", "user,item", "--delimiter", ";",
+                 "--positive-label", "click", "--trials", "2", "--max-epochs", "2", "--no-heuristics", "--max-dim",
+                 "4", "--name", "clicks", "--tracking-uri", uri])
     searched = capsys.readouterr()
     assert code == 0, searched.err[-2000:]
     reviewed = load_review("clicks", uri)
-    fingerprint = reviewed.extra["params"]["dataset.fingerprint"]
+    p = reviewed.extra["params"]
+    fingerprint = p["dataset.fingerprint"]
+    assert (p["dataset.label"], p["dataset.features"], p["dataset.delimiter"], p["dataset.positive_label"]) == (
+        "y", "user,item", ";", "click")
 
-    out = tmp_path / "confirm"  # the table's path comes from the run; the label options from the command line
-    code = main(["confirm", "clicks", *table, "--positive-label", "click", "--seeds", "2", "--workers", "1",
-                 "--tracking-uri", uri, "--out", str(out)])
+    out = tmp_path / "confirm"  # no data option: the table and how to read it come from the search's run
+    code = main(["confirm", "clicks", "--seeds", "2", "--workers", "1", "--tracking-uri", uri, "--out", str(out)])
     confirmed = capsys.readouterr()
     assert code == 0, confirmed.err[-2000:]
     assert "fingerprint" not in confirmed.out + confirmed.err
     assert Recipe.load(out / "confirmed.yaml").dataset["fingerprint"] == fingerprint
+    assert Recipe.load(out / "confirmed.yaml").dataset["positive_label"] == "click"
     assert set(pd.read_csv(out / "confirm.csv")["trial_id"]) >= {reviewed.recommended["trial_id"]}
     assert MlflowClient(uri).get_run(reviewed.parent_run_id).data.tags["confirmed_trial"] in confirmed.out
 
-    refused = {  # no option: the label rule asks for it; the other value: other labels, so another fingerprint
-        (): "label column 'y' has the text values 'click' and 'noclick'; say which one is positive with "
-            "--positive-label click",
-        ("--positive-label", "noclick"): f"but the search trained on {fingerprint}; give the search's data and "
-                                         "options with --data (and --label/--features)",
-    }
-    for option, message in refused.items():
-        elsewhere = tmp_path / "refused"
-        assert main(["confirm", "clicks", *table, *option, "--tracking-uri", uri, "--out", str(elsewhere)]) == 2
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("embsize: error: ") and message in lines[0], err
-        assert not elsewhere.exists()
+    code = main(["train", "--config", str(out / "confirmed.yaml"), "--tracking-uri", uri])
+    trained = capsys.readouterr()
+    assert code == 0, trained.err[-2000:]
+    assert "fingerprint" not in trained.err  # the same data: no "differs from the search's" warning
+    assert (f"data: {csv}, split=random, seed=0, min_freq=1, label=y, features=user,item, positive_label=click, "
+            "delimiter=; (the config's)") in trained.out
+
+    elsewhere = tmp_path / "refused"  # the other value: other labels, so another fingerprint
+    assert main(["confirm", "clicks", "--positive-label", "noclick", "--tracking-uri", uri, "--out",
+                 str(elsewhere)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("embsize: error: ") and f"but the search trained on {fingerprint}" \
+        in lines[0], err
+    assert not elsewhere.exists()

@@ -267,3 +267,35 @@ def test_cli_train_config_rebuilds_the_synthetic_data_the_recipe_records(tmp_pat
     assert "(val AUC 0.6100, mean over seeds 4, 5, 6)" in printed.out  # confirm's / refine's recipe: a seeds' mean
     assert main(["train", "--config", str(path), "--tracking-uri", tracking_uri, "--rows", "700"]) == 0
     assert f"differs from the search's {data.fingerprint}" in capsys.readouterr().err
+
+
+def test_train_config_takes_the_recipes_data_options_not_given():
+    from types import SimpleNamespace
+
+    from search.cli import build_parser
+    from search.production import _searched_data
+
+    table = SimpleNamespace(dataset={
+        "source": "/data/events.parquet", "split": "temporal", "seed": 3, "min_freq": 2, "rows": 5000,
+        "label": "clicked", "features": "user_id,item_id,tags", "multi": "tags", "time_column": "ts",
+        "positive_label": "yes", "fingerprint": "abc"})
+
+    def taken(*argv: str) -> dict:
+        args = build_parser().parse_args(["train", "--config", "r.yaml", *argv])
+        after = vars(_searched_data(args, table))
+        return {k: v for k, v in after.items() if v != vars(args)[k]}
+
+    common = {"split": "temporal", "seed": 3, "min_freq": 2, "label": "clicked", "time_column": "ts",
+              "positive_label": "yes"}
+    # no --data: the searched table, read as the search read it (rows is a table's count, never --rows)
+    assert taken() == {"data": "/data/events.parquet", **common, "features": "user_id,item_id,tags",
+                       "multi": "tags"}
+    # a newer snapshot: the search's label, columns and split
+    assert taken("--data", "today.parquet") == {**common, "features": "user_id,item_id,tags", "multi": "tags"}
+    # columns named now replace the recipe's features and multi both; options given now win
+    assert taken("--data", "t.parquet", "--features", "user_id,item_id", "--seed", "7", "--label", "click") == {
+        k: v for k, v in common.items() if k not in ("seed", "label")}
+    synthetic = SimpleNamespace(dataset={"source": "synthetic", "rows": 20000, "seed": 1, "split": "random",
+                                         "min_freq": 1})
+    args = build_parser().parse_args(["train", "--config", "r.yaml"])
+    assert (vars(_searched_data(args, synthetic))["rows"], vars(_searched_data(args, synthetic))["seed"]) == (20000, 1)
