@@ -326,9 +326,11 @@ def _check_learnable(values: pd.Series, name: str, numeric: bool) -> None:
             raise ValueError(
                 f"bucketed feature '{name}' holds non-numeric value {bad.iloc[0]!r}; give a numeric column"
             )
-    distinct = values.nunique(dropna=True)
-    if distinct <= 1:
-        only = f"only the value {values.dropna().iloc[0]!r}" if distinct else "only missing values"
+    uniq = values.dropna().unique()
+    # categories as the encoder spells them (' 5' and '5' are one): only a handful of raw values can collapse to one
+    spelled = {_spell(v) for v in uniq} - {""} if len(uniq) <= 20 else uniq
+    if len(spelled) <= 1:
+        only = f"only the value {next(iter(spelled))!r}" if len(spelled) else "only missing values"
         raise ValueError(f"feature '{name}' has {only}, so it cannot be learned; drop it from the features")
 
 

@@ -165,6 +165,13 @@ def test_load_table_single_valued_feature_is_refused(table, tmp_path):
         _load(tmp_path / "t.csv", features=["user", "country"], multi=())
 
 
+def test_load_table_feature_single_valued_once_spaces_are_dropped_is_refused(table, tmp_path):
+    padded = [" NL", "NL ", "NL", " NL "] * (len(table) // 4) + ["NL"] * (len(table) % 4)
+    table.assign(country=padded).to_csv(tmp_path / "t.csv", index=False)  # one category to the encoder
+    with pytest.raises(ValueError, match=r"feature 'country' has only the value 'NL', so it cannot be learned; drop it"):
+        _load(tmp_path / "t.csv", features=["user", "country"], multi=())
+
+
 def test_load_table_all_missing_feature_is_refused(table, tmp_path):
     table.assign(empty="").to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(ValueError, match=r"feature 'empty' has only missing values"):
