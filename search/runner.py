@@ -117,8 +117,9 @@ def run_search(
 
     ``baselines`` (label -> config) replaces the heuristic baselines when given; ``command`` (the CLI's options) is
     kept in search.json for ``embsize search --resume NAME``. ``fresh``: never continue a search; ``resume.NameTaken``
-    if OUT/NAME holds one (the CLI's dated default names, which a search started in the same second may take). Before anything is written or launched, the tracking
-    store and the Ray address must answer (search/preflight.py); a ``ValueError`` names what is wrong.
+    if OUT/NAME holds one (the CLI's dated default names, which a search started in the same second may take).
+    Before anything is written or launched, the tracking store and the Ray address must answer (search/preflight.py);
+    a ``ValueError`` names what is wrong; ``resume.SearchRunning`` if another process runs this search now.
     """
     import optuna
     import ray
