@@ -126,10 +126,12 @@ def log_final(
     register: str | None = None,
     export_dir: str | Path | None = None,
     source_recipe: str | Path | None = None,
+    data_source: str | None = None,
 ) -> dict:
     """Log ``final`` as an MLflow run linked to its search; write the export; log (and register) the pyfunc model.
 
-    ``example``: a few raw rows (DataFrame of the source columns), logged as the model's input example. Returns the
+    ``example``: a few raw rows (DataFrame of the source columns), logged as the model's input example;
+    ``data_source``: where the training data came from, logged as the run's dataset input. Returns the
     run id, experiment id, model URI, registered version (or None) and export directory.
     """
     import mlflow
@@ -177,6 +179,8 @@ def log_final(
             "dataset.rows": len(final.data.train) + len(final.data.val) + len(final.data.test),
         }))
         mlflow.log_metrics(metrics)
+        if data_source:
+            tracking.log_dataset(c, run.info.run_id, final.data, data_source, "training")
         if source_recipe:
             mlflow.log_artifact(str(source_recipe))
         with tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +246,8 @@ def train_recipe(args) -> int:
         searched = f"  (val AUC {recipe.expected['val_auc']:.4f}, {where})"
     print(f"test AUC {final.metrics['test_auc']:.4f}  logloss {final.metrics['test_logloss']:.4f}{searched}")
     print(f"model bytes {int(final.metrics['model_bytes']):,} at fp32")
-    out = log_final(final, raw.frame.head(5), uri, args.experiment, args.register, args.export, args.config)
+    out = log_final(final, raw.frame.head(5), uri, args.experiment, args.register, args.export, args.config,
+                    str(raw.meta.get("source", args.data)))
     print(f"MLflow run {out['run_id']} (experiment {out['experiment_id']}) at {uri}")
     if out["version"] is not None:
         print(f"registered {out['model_uri']}; serve it with: "

@@ -343,6 +343,7 @@ def _open_parent(
             *_params({f"dataset.{k}": v for k, v in info.items()}),
         ],
     )
+    tracking.log_dataset(c, parent_id, data, str(info.get("source", data.name)), "search")
     return c, exp_id, parent_id
 
 

@@ -59,6 +59,41 @@ def client(uri: str):
     return c
 
 
+def dataset(data, source: str):
+    """The data as an MLflow dataset, metadata only (no rows are logged): its name, the fingerprint as digest, where it
+    came from (a file or folder; synthetic data as code) and its feature columns. Logged as a run input, it fills the
+    MLflow UI's "Datasets used" column and its dataset filter. None (and a warning) if MLflow cannot place the source:
+    a search never fails for it."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    try:
+        if source == "synthetic":
+            src = CodeDatasetSource(tags={"generator": "pipelines.synthetic"})
+        else:
+            with warnings.catch_warnings():  # MLflow registers its local source twice and says so on every resolve
+                warnings.simplefilter("ignore", UserWarning)
+                src = resolve_dataset_source(source)
+        schema = Schema([ColSpec(DataType.string, f.name) for f in data.features])
+        return MetaDataset(src, name=data.name, digest=data.fingerprint, schema=schema)
+    except Exception as e:  # noqa: BLE001 - metadata only
+        log.warning("the dataset source %r is not logged as an MLflow dataset input: %s", source, e)
+        return None
+
+
+def log_dataset(c, run_id: str, data, source: str, context: str) -> None:
+    """``dataset(data, source)`` as an input of the run, with MLflow's context tag (e.g. "training")."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = dataset(data, source)
+    if ds is not None:  # the client API takes entities; Dataset._to_mlflow_entity is what mlflow.log_input uses
+        c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])])
+
+
 def ensure_experiment(c, name: str, uri: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:

@@ -170,6 +170,11 @@ def test_confirm_and_train_reread_a_table_as_its_search_read_it(ray_session, tmp
     assert "fingerprint" not in trained.err  # the same data: no "differs from the search's" warning
     assert (f"data: {csv}, split=random, seed=0, min_freq=1, label=y, features=user,item, positive_label=click, "
             "delimiter=; (the config's)") in trained.out
+    final_id = trained.out.split("MLflow run ", 1)[1].split()[0]
+    for run_id, context in ((reviewed.parent_run_id, "search"), (final_id, "training")):
+        (used,) = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs  # the MLflow UI's "Datasets used"
+        assert (used.dataset.name, used.dataset.digest, used.dataset.source_type) == ("clicks", fingerprint, "local")
+        assert str(csv) in used.dataset.source and used.tags[0].value == context
 
     elsewhere = tmp_path / "refused"  # the other value: other labels, so another fingerprint
     assert main(["confirm", "clicks", "--positive-label", "noclick", "--tracking-uri", uri, "--out",

@@ -45,12 +45,16 @@ def test_search_checkpoints_only_last_epochs_within_the_interval(searched):
     assert all((r["checkpoint_dir_name"] is not None) == r["final"] for r in results)
 
 
-def test_search_writes_parent_and_child_runs(searched):
+def test_search_writes_parent_and_child_runs(searched, data):
     result, uri, *_ = searched
     c = MlflowClient(uri)
     parent = c.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["dataset.fingerprint"]
+    (used,) = parent.inputs.dataset_inputs  # the MLflow UI's "Datasets used": metadata, no rows
+    assert (used.dataset.name, used.dataset.digest, used.dataset.source_type) == (
+        data.name, data.fingerprint, "code")
+    assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "search"}
     assert math.isclose(parent.data.metrics["hypervolume"], result.hypervolume)
     ref = (parent.data.metrics["hypervolume_reference_auc"], parent.data.metrics["hypervolume_reference_bytes"])
     assert ref == tuple(float(x) for x in result.reference)
