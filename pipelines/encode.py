@@ -3,9 +3,12 @@
 Index 0 of every vocabulary is the unknown bucket. It receives, in one documented way:
 values never seen in the training split, values rarer than ``min_freq`` in it, and missing values (NaN/None/"").
 A present value is spelled as one string token (``normalize``): 196, 196.0 and "196" are "196"; a bool is "True" or
-"False" in every column type (as a bool column spells it), never "1" or "0". Leading and trailing whitespace is not
+"False" in every column type (as a bool column spells it), never "1" or "0", and so is a bool written as text in any
+case ("true", "FALSE": a CSV's bools, which a client may send as JSON true). Leading and trailing whitespace is not
 part of a value (" 5 " is "5", as a multi-valued cell's tokens are stripped), so a cell of only whitespace is missing.
-A multi-valued cell is split on its separator; an empty or missing cell becomes the one-element bag ``[0]``.
+A multi-valued cell is split on its separator; an empty or missing cell becomes the one-element bag ``[0]``. A
+list-like cell (a Parquet list, a JSON array: list, tuple or numpy array) is the text its tokens joined by the
+separator give (``joined``), in training and when scoring; it is refused in a single-valued column, as is a mapping.
 """
 from __future__ import annotations
 
@@ -38,14 +41,58 @@ def normalize(values: pd.Series) -> pd.Series:
 
 def _spell(value) -> str:
     """A present value's category string: a whole float as its int ("196"), inf and floats past int64 as floats,
-    a bool (Python or numpy) as "True"/"False", apart from 1 and 0; text without leading or trailing whitespace.
+    a bool (Python or numpy) as "True"/"False", apart from 1 and 0, and "true"/"false" text in any case the same way;
+    text without leading or trailing whitespace.
 
     The one rule training (``Encoder.fit``) and scoring (``transform``, either path) share, so a served ' 5' finds
     training's '5'; "" (all whitespace) is then missing in both."""
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == math.floor(value) \
             and abs(value) < 2.0**63:
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    if len(text) in (4, 5) and text.lower() in ("true", "false"):
+        return text.capitalize()
+    return text
+
+
+_LISTS = (list, tuple, np.ndarray)
+
+
+def joined(cell, f: Feature):
+    """A list-like cell as the text of a multi-valued cell: its present elements spelled and joined by ``f.sep``
+    (an empty list is missing, as an empty cell). The one rule the table reader (Parquet list columns) and scoring
+    (JSON arrays, lists in a frame) share; refused in a single-valued feature or when an element holds the separator."""
+    if not f.multi:
+        raise ValueError(f"column '{f.name}' holds a list ({_short(cell)}), but feature '{f.name}' takes one value "
+                         "per row; give one value (only a multi-valued feature takes a list)")
+    tokens = [_spell(t) for t in cell if not _is_missing(t)]
+    for token in tokens:
+        if f.sep in token:
+            raise ValueError(f"column '{f.name}' has the list element {token!r}, which contains the separator "
+                             f"{f.sep!r}; pass another --sep")
+    return f.sep.join(t for t in tokens if t) or np.nan
+
+
+def _flat(cell, f: Feature):
+    """A cell with any list in it joined (``joined``); a mapping refused; a scalar as it is."""
+    if isinstance(cell, _LISTS):
+        return joined(cell, f)
+    if isinstance(cell, dict):
+        raise ValueError(f"column '{f.name}' holds a mapping ({_short(cell)}), which is not a categorical value; "
+                         "give one value" + (" or a list" if f.multi else ""))
+    return cell
+
+
+def _is_missing(value) -> bool:
+    try:
+        return bool(pd.isna(value))  # None, NaN, pd.NA, NaT
+    except (TypeError, ValueError):  # not a scalar
+        return False
+
+
+def _short(cell) -> str:
+    text = repr(cell.tolist() if isinstance(cell, np.ndarray) else cell)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def bucketize(values: pd.Series, edges: tuple[float, ...]) -> pd.Series:
@@ -147,7 +194,7 @@ class Encoder:
             raise ValueError(f"min_freq is {min_freq}, but must be >= 1")
         vocabs = {}
         for f in features:
-            codes, uniques = _factorize(frame[f.name])
+            codes, uniques = _factorize(frame[f.name], f)
             cell_counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
             tokens, token_cells = _unique_tokens(pd.Series(uniques), f)
             weights = pd.Series(cell_counts[token_cells], index=tokens.to_numpy())
@@ -179,7 +226,7 @@ class Encoder:
             if small and not f.buckets:  # bucketed columns keep pd.cut's rules, vectorised
                 out[name] = _encode_cells(frame[name], vocab)
                 continue
-            codes, uniques = _factorize(frame[name])
+            codes, uniques = _factorize(frame[name], f)
             codes = codes.astype(np.int64)
             if not f.multi:
                 idx = vocab.lookup(_prepare(pd.Series(uniques), f))
@@ -217,14 +264,23 @@ class Encoder:
         return cls(vocabs)
 
 
-def _factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """``pd.factorize`` (NaN -> -1) that never gives a bool the code of a 1 or a 0.
+def _factorize(values: pd.Series, f: Feature) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize`` (NaN -> -1) that never gives a bool the code of a 1 or a 0, and reads list cells as ``joined``.
 
     Its hash table holds True == 1 and False == 0, so an object column's first seen of the two would spell both; they
     spell apart ("True" vs "1"). Only an object column holding both a bool and a value equal to 0 or 1 is factorized
     again, its bools on their own; the distinct values stay raw (bucketize reads a bool as a number, as before).
+    Lists and arrays are unhashable, so factorize refuses them: only then is the column flattened cell by cell; a
+    tuple (hashable) is found among the distinct values.
     """
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    try:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    except TypeError:  # unhashable cells: lists, arrays, dicts
+        values = values.map(lambda cell: _flat(cell, f))
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    if values.dtype == object and any(isinstance(u, (tuple, dict)) for u in uniques):
+        values = values.map(lambda cell: _flat(cell, f))
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
     if values.dtype != object or not pd.Index(uniques).isin([0, 1]).any():
         return codes, uniques
     cells = values.to_numpy()
@@ -245,17 +301,14 @@ def _prepare(values: pd.Series, f: Feature) -> pd.Series:
     return bucketize(values, f.buckets) if f.buckets else normalize(values)
 
 
-def _cell_values(values: pd.Series) -> list[str | None]:
-    """``normalize`` cell by cell: each cell's category string, None where it is missing."""
+def _cell_values(values: pd.Series, f: Feature) -> list[str | None]:
+    """``normalize`` cell by cell: each cell's category string, None where it is missing; list cells ``joined``."""
     if pd.api.types.is_float_dtype(values):  # numpy scalars: str() spells float32 as pandas does ("0.1")
         return [None if v != v else _spell(v) for v in values.to_numpy()]
     out = []
     for v in values.tolist():
-        try:
-            missing = bool(pd.isna(v))  # None, NaN, pd.NA, NaT
-        except (TypeError, ValueError):  # not a scalar: normalize's isna() calls it present too
-            missing = False
-        spelled = None if missing else _spell(v)
+        v = _flat(v, f)
+        spelled = None if _is_missing(v) else _spell(v)
         out.append(spelled or None)  # "" is missing too
     return out
 
@@ -263,7 +316,7 @@ def _cell_values(values: pd.Series) -> list[str | None]:
 def _encode_cells(values: pd.Series, vocab: Vocabulary) -> Column:
     """``Encoder.transform`` of one column, cell by cell (small frames; the vectorised path is in ``transform``)."""
     f = vocab.feature
-    cells = _cell_values(values)
+    cells = _cell_values(values, f)
     if not f.multi:
         return Column(np.array([vocab.code(c) for c in cells], dtype=np.int32))
     bags = [[UNKNOWN] if c is None else [vocab.code(t.strip() or None) for t in c.split(f.sep)] for c in cells]

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,10 @@ def save_model(directory: str | Path, model, encoder: Encoder, recipe: Recipe, i
         raise ValueError(f"export directory '{target}' exists and is not an embsize export; choose a new directory")
     _check_consistent(model, encoder, recipe, str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # not tempfile.mkdtemp: its folder is 0700, which the rename below would keep, and an export is read by other
+    # users (a serving host, teammates); mkdir applies the umask, as write_atomic's files do
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, tmp / WEIGHTS)
@@ -159,6 +163,9 @@ def check_columns(encoder: Encoder, frame: object) -> None:
     if not isinstance(frame, pd.DataFrame):
         raise ValueError(f"input is a {type(frame).__name__}, but must be a pandas DataFrame with columns {needed}")
     have = [str(c) for c in frame.columns]
+    twice = sorted({c for c in have if have.count(c) > 1})
+    if twice:
+        raise ValueError(f"input has column '{twice[0]}' {have.count(twice[0])} times; give each of {needed} once")
     missing = [c for c in needed if c not in have]
     if missing:
         raise ValueError(f"input is missing column '{missing[0]}'; the model needs columns {needed}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .encode import _spell
+from .encode import _spell, joined
 from .schema import Feature, LabelRule, RawDataset, binarize_label
 
 log = logging.getLogger(__name__)
@@ -269,20 +269,9 @@ def _read_parquet(path: Path, needed: list[str], multi: list[str], sep: str) -> 
         if pyarrow.types.is_list(kind) or pyarrow.types.is_large_list(kind) or pyarrow.types.is_fixed_size_list(kind):
             if name not in multi:
                 raise ValueError(f"column '{name}' holds lists; declare it with --multi {name}")
-            frame[name] = frame[name].map(lambda cell: _joined(cell, name, sep), na_action="ignore")
+            multi_feature = Feature(name, multi=True, sep=sep)
+            frame[name] = frame[name].map(lambda cell: joined(cell, multi_feature), na_action="ignore")
     return frame
-
-
-def _joined(cell, name: str, sep: str):
-    """A list cell as the 'a|b' text a multi-valued cell has; an empty list is missing, as an empty cell."""
-    tokens = [_spell(t) for t in cell if t is not None and not (isinstance(t, float) and np.isnan(t))]
-    for token in tokens:
-        if sep in token:
-            raise ValueError(
-                f"column '{name}' has the list element {token!r}, which contains the separator {sep!r}; "
-                "pass another --sep"
-            )
-    return sep.join(tokens) if tokens else np.nan
 
 
 def _check_unique(path: Path, needed: list[str], names: list) -> None:

@@ -163,7 +163,7 @@ def test_small_frames_encode_cell_by_cell_exactly_as_the_vectorised_path(train, 
         assert (a[name].offsets is None) == (b[name].offsets is None)
         if a[name].offsets is not None:
             assert a[name].offsets.tolist() == b[name].offsets.tolist()
-    if any(v is not None and v == v and v != "" for v in train):  # something was learnt: some new value may be known
+    if any(v is not None and v == v and str(v).strip() != "" for v in train):  # something was learnt (spaces: missing)
         assert enc.vocabs["s"].size > 1
 
 
@@ -181,3 +181,39 @@ def test_small_frame_path_is_taken_and_bucketed_columns_stay_vectorised(monkeypa
     seen.clear()
     enc.transform(pd.DataFrame({"s": ["y"] * (Encoder.SMALL_FRAME + 1), "age": [25] * (Encoder.SMALL_FRAME + 1)}))
     assert seen == []
+
+
+@pytest.mark.parametrize("rows", [5, 600])  # cell by cell (<= SMALL_FRAME rows) and vectorised
+def test_list_cells_encode_as_their_joined_text(rows):
+    # a Parquet list column trained as 'a|b' text; served as lists (pyfunc frame, JSON arrays): the same bags
+    tags = Feature("tags", multi=True)
+    enc = Encoder.fit(pd.DataFrame({"tags": ["a|b", "b", "c|a", None] * 5}), (tags,))
+    lists = pd.Series([["a", "b"], np.array(["b"]), ("c", " a"), [], None, ["a", None, "zz"]] * 100)[:rows]
+    texts = pd.Series(["a|b", "b", "c|a", "", None, "a|zz"] * 100)[:rows]
+    got, want = enc.transform(pd.DataFrame({"tags": lists}))["tags"], enc.transform(pd.DataFrame({"tags": texts}))["tags"]
+    assert np.array_equal(got.values, want.values) and np.array_equal(got.offsets, want.offsets)
+    assert got.values[:2].tolist() == [enc.vocabs["tags"].code("a"), enc.vocabs["tags"].code("b")]
+
+
+@pytest.mark.parametrize("rows", [5, 600])
+@pytest.mark.parametrize("cell, message", [
+    (["a", "b"], r"column 'user' holds a list \(\['a', 'b'\]\), but feature 'user' takes one value per row"),
+    (np.array([1, 2]), r"column 'user' holds a list \(\[1, 2\]\)"),
+    ({"k": 1}, r"column 'user' holds a mapping \(\{'k': 1\}\), which is not a categorical value"),
+])
+def test_a_list_or_mapping_in_a_single_valued_column_is_refused(rows, cell, message):
+    enc = Encoder.fit(pd.DataFrame({"user": ["a", "b", "c"]}), (Feature("user"),))
+    column = pd.Series(["a"] * (rows - 1) + [cell], dtype=object)
+    with pytest.raises(ValueError, match=message):
+        enc.transform(pd.DataFrame({"user": column}))
+
+
+@pytest.mark.parametrize("rows", [3, 600])
+def test_bools_written_as_text_are_the_bools(rows):
+    # a CSV's true/FALSE trains as text; a client sends JSON true/false (bools) or the text: one category each
+    enc = Encoder.fit(pd.DataFrame({"active": ["true", "FALSE", "True", None]}), (Feature("active"),))
+    assert enc.vocabs["active"].categories == ["False", "True"]
+    served = pd.Series(([True, "true", " TRUE "] + [False, "false", np.False_] * 199)[:rows], dtype=object)
+    codes = enc.transform(pd.DataFrame({"active": served}))["active"].values.tolist()
+    want = [enc.vocabs["active"].code("True")] * 3 + [enc.vocabs["active"].code("False")] * (rows - 3)
+    assert codes == want and UNKNOWN not in codes

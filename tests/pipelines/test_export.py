@@ -83,6 +83,7 @@ def test_score_normalizes_raw_values_like_training(trained):
 @pytest.mark.parametrize("change, message", [
     (lambda f: f.drop(columns="occupation"), "missing column 'occupation'"),
     (lambda f: f.assign(rating=4), "column 'rating' that the model does not use"),
+    (lambda f: pd.concat([f, f["user_id"]], axis=1), r"column 'user_id' 2 times; give each of \['user_id', "),
 ])
 def test_score_refuses_missing_or_extra_columns(trained, change, message):
     raw, data, model, _ = trained
@@ -185,3 +186,15 @@ def test_export_scores_padded_values_as_training_spelled_them(tmp_path):
     assert encoder.transform(rows)["item"].values.tolist() == [1, 1, 1, 1, 3, 3]
     s = score(loaded, encoder, rows)
     assert s[0] == s[1] == s[2] == s[3] and s[4] == s[5]
+
+
+def test_export_folder_takes_the_umask_like_its_files(trained, tmp_path):
+    # a serving host or a teammate (another user) reads the export: not the 0700 of a temporary folder
+    _, data, model, recipe = trained
+    old = os.umask(0o022)
+    try:
+        out = save_model(tmp_path / "shared-export", model, data.encoder, recipe)
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert {(f.stat().st_mode & 0o777) for f in out.iterdir()} == {0o644}
