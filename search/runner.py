@@ -377,10 +377,17 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
 
 def _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info) -> SearchResult:
     concluded = conclude(records, settings.rule, settings.epsilon, settings.memory_budget, ref)
-    if concluded is None:
+    if concluded is None:  # the trials' table is still written: it is where their errors are read
+        from .report import trials_frame
+
+        write_atomic(settings.out / "trials.csv", trials_frame(records).to_csv(index=False))
+        outcomes = [r["outcome"] for r in records]
+        errors = [str(r["error"]).strip().splitlines()[-1] for r in records if r.get("error")]
         raise NoTrialCompleted(
-            f"no trial of search '{settings.name}' completed (see {settings.out / 'trials.csv'}); "
-            "check the trial errors in MLflow or raise --trials"
+            f"no trial of search '{settings.name}' completed ({outcomes.count('failed')} failed, "
+            f"{outcomes.count('stopped_early')} stopped early"
+            + (f"; first error: {errors[0][:200]}" if errors else "")
+            + f"); see {settings.out / 'trials.csv'} and the trial runs in MLflow, or raise --trials"
         )
     done, front, pick, hv = concluded
     out = settings.out

@@ -335,3 +335,29 @@ def test_worker_node_killed_trial_continues_from_its_checkpoint(tmp_path):
         assert run.info.status == "FINISHED"
         # each epoch reported once: the retried trial went on from its checkpoint instead of starting over
         assert steps[run.info.run_id] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_says_why_and_keeps_its_table(tmp_path):
+    (tmp_path / "spec.yaml").write_text("hidden: [16, 32]\nmax_dim: 8\n")  # a searched knob: trials carry it
+    ray_tmp = _ray_tmp()
+    env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="raise@hidden=16:1;raise@hidden=32:1")
+    args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "2", "--num-cpus", "2", "--no-heuristics",
+            "--max-failures", "0", "--name", "allfail", "--spec", "spec.yaml"]
+    try:
+        p = subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = tmp_path / "embsize-out" / "allfail"
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1, p.stderr[-3000:]  # (Ray logs each failed trial's traceback above the last line)
+    assert last.startswith("embsize: error: no trial of search 'allfail' completed (2 failed, 0 stopped early; "
+                           "first error: ") and "injected fault" in last
+    assert last.endswith(f"see {out / 'trials.csv'} and the trial runs in MLflow, or raise --trials")
+    trials = pd.read_csv(out / "trials.csv")  # the file the message names exists and holds the errors
+    assert len(trials) == 2 and (trials["outcome"] == "failed").all()
+    assert trials["error"].str.contains("injected fault").all()
+    _, parents, _ = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "allfail")
+    assert [r.info.status for r in parents] == ["FAILED"]
