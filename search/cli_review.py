@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .parsing import feature_columns
@@ -48,13 +49,19 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def _review(args):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the terminal to the report
     from .preflight import check_tracking, check_writable, resolve_tracking_uri
-    from .review import load_review
+    from .review import load_review, running_here, unfinished_note
 
     if args.out:
         check_writable(Path(args.out), f"{args.command} folder", "--out")
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(uri, existing=True)  # an unreachable server fails in seconds, not after MLflow's minutes of retries
-    return load_review(args.run, uri, args.experiment)
+    result = load_review(args.run, uri, args.experiment)
+    note = unfinished_note(result)
+    if note and args.command == "confirm" and running_here(result):  # retrains would compete with its trials
+        raise ValueError(f"search '{result.name}' is running now on this machine; confirm it when it has ended")
+    if note:
+        print(f"embsize: warning: {note}", file=sys.stderr)
+    return result
 
 
 def cmd_report(args) -> int:

@@ -103,11 +103,36 @@ def load_review(run: str, tracking_uri: str | None = None, experiment: str = "em
     extra = {
         "tracking_uri": uri, "experiment_id": parent.info.experiment_id, "params": params, "metrics": metrics,
         "fixed": fixed, "features": features, "recipe": recipe, "settings": settings,
-        "journal": out_dir / "optuna.journal", "tagged_recommendation": tagged,
+        "journal": out_dir / "optuna.journal", "tagged_recommendation": tagged, "status": parent.info.status,
     }
     recipe_path = out_dir / "recommended.yaml"
     return SearchResult(name, out_dir, records, front, pick, recipe_path, hv, ref, parent.info.run_id, name,
                         float(metrics.get("wall_seconds", 0.0)), extra)
+
+
+def unfinished_note(result: SearchResult) -> str | None:
+    """What a review of a search that has not finished covers, or None for a finished one. A parent run still
+    RUNNING is a search running now, or one whose driver was killed (``--resume`` continues both cases' trials)."""
+    status = result.extra.get("status", "FINISHED")
+    if status == "FINISHED":
+        return None
+    done = sum(r["outcome"] in ("completed", "stopped_early", "failed") for r in result.trials)
+    asked = result.extra["params"].get("search.trials", "?")
+    what = {"RUNNING": "is still running (or its driver was killed)", "KILLED": "was interrupted",
+            "FAILED": "ended with an error"}.get(status, f"is {status}")
+    return (f"search '{result.name}' {what}: this covers the {done} trials that ended ({asked} sampled trials were "
+            f"asked for); `embsize search --resume {result.name}` continues it")
+
+
+def running_here(result: SearchResult) -> bool:
+    """Whether a driver on this machine is running the search now (it holds OUT/NAME's lock, see resume.claimed)."""
+    from .resume import SearchRunning, check_not_running
+
+    try:
+        check_not_running(result.out, result.name)
+    except SearchRunning:
+        return True
+    return False
 
 
 def trial_setup(result: SearchResult, record: dict) -> tuple[ModelConfig, dict]:

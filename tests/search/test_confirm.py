@@ -184,3 +184,42 @@ def test_confirm_and_train_reread_a_table_as_its_search_read_it(ray_session, tmp
     assert len(lines) == 1 and lines[0].startswith("embsize: error: ") and f"but the search trained on {fingerprint}" \
         in lines[0], err
     assert not elsewhere.exists()
+
+
+def _hold(out: str, ready) -> None:
+    import time
+    from pathlib import Path
+
+    from search.resume import claimed
+
+    with claimed(Path(out), "small"):
+        ready.set()
+        time.sleep(120)  # until killed
+
+
+def test_confirm_refuses_a_search_running_on_this_machine_and_report_warns(ray_session, tmp_path_factory, tmp_path,
+                                                                           capsys):
+    # the parent run still RUNNING and its folder held by a live driver: confirm's retrains would compete with the
+    # search's trials and judge a front still moving; report goes on and says what it covers
+    import multiprocessing as mp
+
+    result, uri, out_dir, _ = small_search(tmp_path_factory)
+    c = MlflowClient(uri)
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(out_dir / "small"), ready))
+    c.update_run(result.parent_run_id, status="RUNNING")
+    try:
+        holder.start()
+        assert ready.wait(timeout=60)
+        assert main(["confirm", "small", "--tracking-uri", uri, "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == "embsize: error: search 'small' is running now on this machine; confirm it when it has ended"
+        assert not (tmp_path / "c").exists()
+        assert main(["report", "small", "--tracking-uri", uri, "--out", str(tmp_path / "r"), "--no-log"]) == 0
+        err = capsys.readouterr().err
+        assert "embsize: warning: search 'small' is still running (or its driver was killed): this covers the " in err
+    finally:
+        holder.kill()
+        holder.join(timeout=30)
+        c.update_run(result.parent_run_id, status="FINISHED")

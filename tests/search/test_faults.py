@@ -243,6 +243,12 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
         uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
         _, parents, _ = _runs(uri, "lid")
         assert [r.info.status for r in parents] == ["RUNNING"]  # nobody closed it: the driver was killed
+        reported = subprocess.run([sys.executable, "-m", "search.cli", "report", "lid", "--no-log"], cwd=tmp_path,
+                                  env=_env(), capture_output=True, text=True, timeout=300)
+        assert reported.returncode == 0, reported.stderr[-3000:]
+        assert re.search(r"embsize: warning: search 'lid' is still running \(or its driver was killed\): this covers "
+                         r"the \d+ trials that ended \(5 sampled trials were asked for\); `embsize search --resume lid` "
+                         r"continues it", reported.stderr), reported.stderr[-2000:]
 
         elsewhere = tmp_path / "elsewhere"  # the stored options hold resolved paths: resume from anywhere
         elsewhere.mkdir()
