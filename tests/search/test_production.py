@@ -24,6 +24,7 @@ from search.production import check_data, final_epochs, fit_final, log_final
 from search.runner import SearchSettings, run_search
 from search.space import SearchSpec, build_space
 
+from ..pipelines.test_recipe import BAD_EDITS, edited, written_recipe
 from ..ports import free_port
 
 ROWS = 3000  # `--data synthetic --rows 3000`: the CLI rebuilds exactly the searched data
@@ -299,3 +300,18 @@ def test_train_config_takes_the_recipes_data_options_not_given():
                                          "min_freq": 1})
     args = build_parser().parse_args(["train", "--config", "r.yaml"])
     assert (vars(_searched_data(args, synthetic))["rows"], vars(_searched_data(args, synthetic))["seed"]) == (20000, 1)
+
+
+@pytest.mark.parametrize("field, value, message", BAD_EDITS, ids=[f"{f}={v!r}" for f, v, _ in BAD_EDITS])
+def test_cli_train_config_refuses_a_hand_edited_field_with_one_line(tmp_path, monkeypatch, capsys, field, value,
+                                                                    message):
+    """Each edit once ended in a traceback, a message without the field, or a model trained on something else."""
+    monkeypatch.chdir(tmp_path)  # the default MLflow store would be ./mlruns: nothing may be written there either
+    path = tmp_path / "recommended.yaml"
+    written_recipe(path)
+    edited(path, field, value)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["train", "--config", str(path)]) == 2
+    assert message.format(src=f"config file '{path.resolve()}'") in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
