@@ -1,6 +1,7 @@
 """Exact parameter and byte accounting of an EmbeddingRecommender, from its config alone."""
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 from .dataset import FeatureInfo
@@ -37,6 +38,58 @@ def model_bytes(
 ) -> int:
     """Bytes of all parameters (embeddings + MLP) stored at ``dtype``."""
     return model_params(features, dims, hidden) * _dtype_size(dtype)
+
+
+def check_fits(
+    features: Sequence[FeatureInfo], dims: Mapping[str, int], hidden: Sequence[int], dtype: str = "float32"
+) -> int:
+    """Refuse a model whose parameters alone need more than this machine's available memory; else return its bytes.
+
+    Said before torch tries: an over-large allocation ends in a RuntimeError traceback from the allocator, or in
+    the kernel's OOM killer after the tables are half filled. Training needs more than this (gradients, Adam's two
+    moments), so this refuses only what cannot work at all.
+    """
+    need = model_bytes(features, dims, hidden, dtype)
+    have = available_bytes()
+    if have is None or need <= have:
+        return need
+    name = max(dims, key=lambda n: int(dims[n]))
+    if hidden and max(hidden) > int(dims[name]):
+        culprit = f"its widest hidden layer is {max(hidden)}; give narrower ones"
+    else:
+        culprit = f"its largest dim is {name}={dims[name]}; lower it"
+    raise ValueError(f"the model's parameters need {need:,} bytes ({_size(need)}) at {dtype}, but this machine has "
+                     f"{_size(have)} available; {culprit}")
+
+
+def available_bytes() -> int | None:
+    """Memory available to a new allocation: psutil's figure, else /proc/meminfo's MemAvailable, else total RAM."""
+    try:
+        import psutil  # Ray's optional dependency: not always installed
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None  # unknown: nothing to compare with
+
+
+def _size(n: int) -> str:
+    value, unit = float(n), "B"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if value < 1000 or unit == "PB":
+            break
+        value /= 1000
+    return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
 
 
 def _dtype_size(dtype: str) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .dataset import FeatureInfo
+from .memory import check_fits
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class EmbeddingRecommender(nn.Module):
         for h in self.hidden:
             if h < 1:
                 raise ValueError(f"hidden width {h} in {self.hidden} must be >= 1")
+        check_fits(self.features, self.dims, self.hidden)  # before the tables are allocated
         single = [f for f in self.features if not f.multi]
         by_dim: dict[int, list[FeatureInfo]] = {}
         for f in single:

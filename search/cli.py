@@ -127,7 +127,7 @@ def _load(args) -> tuple[object, dict]:
 
 def cmd_train(args) -> int:
     from pipelines import ModelConfig, TrainConfig, evaluate, model_bytes, train
-    from pipelines.memory import embedding_bytes
+    from pipelines.memory import check_fits, embedding_bytes
     from pipelines.train import SplitTensors
 
     if args.config:
@@ -146,6 +146,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--default-dim is {args.default_dim}, but must be >= 1")
     dims = {f: dims.get(f, args.default_dim) for f in data.feature_names}
     model_cfg = ModelConfig(dims, parse_ints(args.hidden, "--hidden"), args.dropout)
+    check_fits(data.features, dims, model_cfg.hidden)  # before the summary is printed and the tables allocated
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
                       seed=args.seed, threads=args.threads, sparse=args.sparse)
     print(data.summary())

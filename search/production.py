@@ -212,12 +212,14 @@ def log_final(
 def train_recipe(args) -> int:
     """`embsize train --config FILE`: the CLI's side (prints; errors are ValueError -> one line, exit 2)."""
     from pipelines import prepare
+    from pipelines.memory import check_fits
 
     from . import preflight, tracking
     from .cli import _raw
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step in the terminal
     recipe = Recipe.load(args.config)
+    check_fits(recipe.features, recipe.model.dims, recipe.model.hidden)  # in a moment, not after the data loads
     if args.dims:
         raise ValueError("--dims conflicts with --config (the config fixes the dims); drop one of them")
     if args.register is not None and not args.register.strip():

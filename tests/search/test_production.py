@@ -315,3 +315,26 @@ def test_cli_train_config_refuses_a_hand_edited_field_with_one_line(tmp_path, mo
     assert message.format(src=f"config file '{path.resolve()}'") in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
+
+def test_cli_train_refuses_dims_beyond_the_machines_memory_before_allocating(tmp_path, monkeypatch, capsys):
+    """`--dims user_id=1000000000000` once crashed in torch's allocator (RuntimeError, exit 1), with --config too."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    csv = tmp_path / "F.csv"
+    pd.DataFrame({"user_id": rng.integers(0, 20, 400), "item_id": rng.integers(0, 30, 400),
+                  "clicked": rng.integers(0, 2, 400)}).to_csv(csv, index=False)
+    huge = "its largest dim is user_id=1000000000000; lower it"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["train", "--data", str(csv), "--label", "clicked", "--features", "user_id,item_id",
+                 "--dims", "user_id=1000000000000,item_id=4", "--epochs", "1"]) == 2
+    err = _one_error_line(capsys)
+    assert huge in err and "bytes" in err and "available" in err
+    path = tmp_path / "recommended.yaml"
+    written_recipe(path)
+    edited(path, "model.dims.user_id", 10**12)
+    before.append(path.name)
+    started = time.perf_counter()
+    assert main(["train", "--config", str(path)]) == 2
+    assert huge in _one_error_line(capsys)
+    assert time.perf_counter() - started < 5  # before the tracking store, the data and torch's allocator
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
