@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 
 from pipelines.dataset import FeatureInfo
-from pipelines.memory import embedding_bytes, embedding_params, mlp_params, model_bytes, model_params
+from pipelines.memory import (
+    available_bytes,
+    check_fits,
+    embedding_bytes,
+    embedding_params,
+    mlp_params,
+    model_bytes,
+    model_params,
+)
 from pipelines.model import EmbeddingRecommender
 
 FEATURES = (
@@ -51,3 +59,16 @@ def test_unknown_dtype_is_refused_with_the_choices():
         embedding_bytes(FEATURES, dims, "float8")
     with pytest.raises(ValueError, match="dtype is 'double'"):
         model_bytes(FEATURES, dims, (4,), "double")
+
+
+def test_model_refuses_parameters_beyond_the_machines_memory_before_allocating():
+    have = available_bytes()
+    assert have is not None and have > 0
+    features = (FeatureInfo("user_id", False, 21), FeatureInfo("item_id", False, 31))
+    assert check_fits(features, {"user_id": 4, "item_id": 4}, (8,)) == 4 * (21 * 4 + 31 * 4 + 8 * 8 + 8 + 8 + 1)
+    dims = {"user_id": 10**12, "item_id": 4}
+    with pytest.raises(ValueError, match=r"its largest dim is user_id=1000000000000; lower it") as e:
+        EmbeddingRecommender(features, dims, (8,))
+    assert f"need {(21 * 10**12 + 31 * 4 + (10**12 + 4) * 8 + 8 + 9) * 4:,} bytes" in str(e.value)
+    with pytest.raises(ValueError, match=r"its widest hidden layer is 1000000000000; give narrower ones"):
+        EmbeddingRecommender(features, {"user_id": 4, "item_id": 4}, (10**12,))

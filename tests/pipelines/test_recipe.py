@@ -215,18 +215,3 @@ def test_recipe_load_reads_the_oldest_format_and_what_other_writers_write(tmp_pa
     path.write_text(OLDEST.replace("  seed: 0\n  rows: 100000\n", "  seed: '3'\n  rows: '100000'\n"))
     assert (Recipe.load(path).dataset["seed"], Recipe.load(path).dataset["rows"]) == (3, 100000)
 
-
-def test_model_refuses_parameters_beyond_the_machines_memory_before_allocating():
-    from pipelines.memory import available_bytes, check_fits
-    from pipelines.model import EmbeddingRecommender
-
-    have = available_bytes()
-    assert have is not None and have > 0
-    features = (FeatureInfo("user_id", False, 21), FeatureInfo("item_id", False, 31))
-    assert check_fits(features, {"user_id": 4, "item_id": 4}, (8,)) == 4 * (21 * 4 + 31 * 4 + 8 * 8 + 8 + 8 + 1)
-    dims = {"user_id": 10**12, "item_id": 4}
-    with pytest.raises(ValueError, match=r"its largest dim is user_id=1000000000000; lower it") as e:
-        EmbeddingRecommender(features, dims, (8,))
-    assert f"need {(21 * 10**12 + 31 * 4 + (10**12 + 4) * 8 + 8 + 9) * 4:,} bytes" in str(e.value)
-    with pytest.raises(ValueError, match=r"its widest hidden layer is 1000000000000; give narrower ones"):
-        EmbeddingRecommender(features, {"user_id": 4, "item_id": 4}, (10**12,))
