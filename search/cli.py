@@ -225,6 +225,14 @@ def cmd_search(args) -> int:
     spec = _spec_overrides(spec, args)
     data, info = _load(args)
     space = build_space(data.features, spec)
+    from pipelines.memory import available_bytes
+
+    have = available_bytes()
+    if have is not None and space.min_bytes() > have:  # every trial would fail in its allocator, after Ray started
+        raise UsageError(
+            f"the smallest model in the search space needs {space.min_bytes():,} bytes, more than the "
+            f"{have:,} this machine has available; lower the pinned or minimum dims (--spec, --min-dim)"
+        )
     if budget is not None and space.min_bytes() > budget:
         raise UsageError(
             f"--memory-budget {budget:,} bytes is below the smallest model in the search space "

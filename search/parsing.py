@@ -1,6 +1,8 @@
 """Parsers for command-line values. Each refuses bad input with a ValueError naming the value and the rule."""
 from __future__ import annotations
 
+import math
+
 import re
 
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -35,6 +37,8 @@ def parse_bytes(text: str) -> int:
     number, unit = float(m.group(1)), (m.group(2) or "").lower()
     base = unit[:1] if unit not in ("b", "") else ""
     scale = _UNITS[base] if "i" not in unit else 1024 ** (" kmgt".index(base))
+    if not math.isfinite(number * scale):
+        raise ValueError(f"memory budget {text!r} is not a finite size; write e.g. 250000, 2.5MB or 64KiB")
     value = int(number * scale)
     if value < 1:
         raise ValueError(f"memory budget {text!r} is {value} bytes, but must be >= 1")

@@ -29,7 +29,13 @@ def default_tracking_uri(root: Path | None = None) -> str:
 def resolve_tracking_uri(uri: str | None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded store under ./mlruns (here rather than in
     tracking.py, which imports Ray: the CLI resolves and checks the store before any heavy import)."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and not Path(path).expanduser().is_absolute():
+        # sqlite:///rel.db is relative to the current folder: made absolute, so that a search resumed (or reviewed)
+        # from another folder finds the same store instead of starting a second one there
+        uri = f"sqlite:///{Path(path).expanduser().resolve()}"
+    return uri
 
 
 def check(tracking_uri: str, address: str | None, timeout: float = TIMEOUT) -> None:
@@ -62,7 +68,13 @@ def check_tracking(uri: str, timeout: float = TIMEOUT, existing: bool = False) -
                 "start the server or pass a reachable --tracking-uri")
     elif scheme == "sqlite":
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:":
+        if not path or path == ":memory:":
+            raise ValueError(f"tracking URI '{redact(uri)}' is an in-memory SQLite store, which MLflow's threads and "
+                             "a later review cannot share; give a file, e.g. --tracking-uri sqlite:///mlruns/mlflow.db")
+        if "%" in path:  # SQLAlchemy reads %XX in a URL's path as an escape: '%41' would open 'A'
+            raise ValueError(f"the MLflow store path '{path}' holds '%', which a SQLite URI cannot carry; run from a "
+                             "folder without '%' or pass --tracking-uri sqlite:///PATH (or a server)")
+        if path:
             if existing and not Path(path).expanduser().is_file():
                 raise ValueError(f"no MLflow store at '{path}' (tracking URI '{redact(uri)}'); run `embsize search` "
                                  "here first, or pass the --tracking-uri the search used")

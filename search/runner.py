@@ -150,7 +150,11 @@ def run_search(
     # Ray Tune's experiment: a folder, or a URI string on remote storage (a Path would mangle s3://)
     storage = settings.storage
     experiment = f"{storage}/{settings.name}" if is_uri(storage) else Path(storage) / settings.name
-    restoring = previous is not None and tune.Tuner.can_restore(str(experiment))
+    # Tuner.can_restore sees only tuner.pkl, which Ray writes before its first experiment state: a driver killed in
+    # between left an experiment that restores with one sample and never reaches the trial count; it starts afresh
+    # (the Optuna study and the MLflow run are continued either way)
+    restoring = previous is not None and tune.Tuner.can_restore(str(experiment)) and (
+        is_uri(storage) or any(Path(experiment).glob("experiment_state-*.json")))
     # A Ray that runs already (a cluster, or one the caller started) is checked before anything is written, as
     # preflight's checks are: a refused search leaves no output folder and no FAILED run. A local Ray is started
     # below, while MLflow opens; it is one node, and the CLI has checked that a trial fits it.

@@ -50,10 +50,17 @@ def client(uri: str):
 
     db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
-    # MLflow creates and migrates a SQLite store's tables on its first open, with no lock of its own: two searches
-    # started together in a new project both found no tables, and the second died on the first's half-made schema
-    # ("no such column"). The first open in each process is serialized across processes (the lock file stays).
+    # MLflow creates and migrates a SQLite store's tables on its first open, in place and with no lock of its own:
+    # two searches started together in a new project both found no tables, and the second died on the first's
+    # half-made schema ("no such column"); a driver killed during those seconds left a store nothing could open
+    # again ("table _alembic_tmp_experiments already exists"). So the first open in each process is serialized
+    # across processes (the lock file stays), and a new store is built under a temporary name and renamed into place.
     with FileLock(f"{db}.lock"):
+        if not db.exists():
+            tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+            tmp.unlink(missing_ok=True)
+            MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
+            os.replace(tmp, db)
         c = MlflowClient(uri)
         c.search_experiments(max_results=1)
     return c

@@ -44,6 +44,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "unknown_feature.yaml": "features:\n  nosuch: 8\n",
         "pin_and_range.yaml": "features:\n  user_id: {pin: 4, low: 2}\n",
         "lr_negative.yaml": "lr: -0.1\n",
+        "huge_pin.yaml": "features:\n  user_id: {pin: 100000000}\nmax_dim: 100000000\n",
     }
     for name, text in specs.items():
         (d / name).write_text(text)
@@ -152,6 +153,12 @@ CASES = [
     # output folder
     (["search", *SMALL, "--output-dir", "/proc/embsize-out"], "is not writable; choose another with --output-dir"),
     (["search", *SMALL, "--output-dir", "{a_file}/out"], "is not writable"),
+    # found by a probe: each was a traceback after Ray had started and outputs were written
+    (["search", *SMALL, "--memory-budget=1e400"], "memory budget '1e400' is not a finite size"),
+    (["search", *SMALL, "--tracking-uri", "sqlite://"], "is an in-memory SQLite store"),
+    (["search", *SMALL, "--tracking-uri", "sqlite:///:memory:"], "is an in-memory SQLite store"),
+    (["search", *SMALL, "--tracking-uri", "sqlite:////tmp/p%41/mlflow.db"], "holds '%', which a SQLite URI cannot"),
+    (["search", *SMALL, "--spec", "{huge_pin.yaml}"], "the smallest model in the search space needs"),
 ]
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -367,3 +368,36 @@ def test_a_search_whose_every_trial_fails_says_why_and_keeps_its_table(tmp_path)
     assert trials["error"].str.contains("injected fault").all()
     _, parents, _ = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "allfail")
     assert [r.info.status for r in parents] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_driver_killed_before_rays_first_experiment_state_resumes_to_the_end(tmp_path):
+    # Ray writes tuner.pkl before its first experiment state: a driver killed in between left an experiment that
+    # Tuner.restore ran with one sample, so every --resume trained one trial and said "interrupted" again
+    args = ["search", "--rows", "3000", "--trials", "3", "--max-epochs", "2", "--num-cpus", "2", "--no-heuristics",
+            "--name", "early"]
+    experiment = tmp_path / "embsize-out" / "early" / "ray" / "early"
+    ray_tmp = _ray_tmp()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=_env(ray_tmp),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (experiment / "tuner.pkl").exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the search never wrote tuner.pkl"
+            time.sleep(0.005)
+        p.kill()
+        p.wait(timeout=60)
+        if list(experiment.glob("experiment_state-*.json")):
+            pytest.skip("Ray saved its experiment state before the kill landed (a slow poll); nothing to test")
+        _stop_processes_under(ray_tmp)
+        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", "early"], cwd=tmp_path,
+                                 env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "embsize-out" / "early" / "trials.csv")
+    assert len(table) == 3 and (table["outcome"] == "completed").all()
+    _, parents, children = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "early")
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert sum(r.info.status == "FINISHED" for r in children) == 3

@@ -228,3 +228,17 @@ def test_writable_folder_leaves_nothing(tmp_path):
     assert writable_folder(tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert not writable_folder(tmp_path / "missing")
+
+
+def test_a_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    # stored resolved in search.json and the recipe: a resume or review from another folder finds the same store
+    from search.preflight import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path.resolve() / 'rel.db'}"
+    assert resolve_tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path.resolve() / 'sub' / 'm.db'}"
+    assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'env.db'}"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
