@@ -227,7 +227,7 @@ def cmd_search(args) -> int:
     space = build_space(data.features, spec)
     from pipelines.memory import available_bytes
 
-    have = available_bytes()
+    have = available_bytes() if address is None else None  # a cluster's nodes may have more than this machine
     if have is not None and space.min_bytes() > have:  # every trial would fail in its allocator, after Ray started
         raise UsageError(
             f"the smallest model in the search space needs {space.min_bytes():,} bytes, more than the "
