@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .parsing import feature_columns, parse_bytes, parse_dims, parse_ints
+from .parsing import DATA_OPTIONS, feature_columns, load_kwargs, parse_bytes, parse_dims, parse_ints
 
 
 class UsageError(Exception):
@@ -83,24 +83,7 @@ def _raw(args):
 
     if args.rows is not None and args.rows < 1:
         raise UsageError(f"--rows is {args.rows}, but must be >= 1")
-    features, multi = feature_columns(args.features, args.multi)
-    return load(
-        args.data,
-        label=args.label,
-        features=features or None,
-        multi=multi or None,
-        sep=args.sep,
-        threshold=args.positive_threshold,
-        time=args.time_column,
-        delimiter=args.delimiter,
-        positive_label=args.positive_label,
-        synthetic_rows=args.rows,
-        seed=args.seed,
-    )
-
-
-# How a table or MovieLens is read: the options recorded with a search (see data_options)
-DATA_OPTIONS = ("label", "features", "multi", "sep", "positive_threshold", "positive_label", "time_column", "delimiter")
+    return load(args.data, **load_kwargs(vars(args)), synthetic_rows=args.rows, seed=args.seed)
 
 
 def data_options(args) -> dict:

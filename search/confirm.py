@@ -39,6 +39,7 @@ from pipelines import EncodedDataset
 from pipelines.model import ModelConfig
 
 from .heuristics import HEURISTICS
+from .parsing import DATA_OPTIONS, load_kwargs
 from .recommend import recommend
 
 log = logging.getLogger(__name__)
@@ -215,16 +216,11 @@ def rebuild_data(result, source: str | None = None, **load_options) -> EncodedDa
     if src == "synthetic" and "dataset.rows" in p:
         load_options.setdefault("synthetic_rows", int(p["dataset.rows"]))
     if src != "synthetic":  # how the search read its table / MovieLens (searches since 2026-12-02 record it)
-        for key, option in (("label", "label"), ("sep", "sep"), ("positive_label", "positive_label"),
-                            ("time_column", "time"), ("delimiter", "delimiter")):
-            if f"dataset.{key}" in p:
-                load_options.setdefault(option, p[f"dataset.{key}"])
-        if "dataset.positive_threshold" in p:
-            load_options.setdefault("threshold", float(p["dataset.positive_threshold"]))
-        if "features" not in load_options and "multi" not in load_options:  # columns named now replace both
-            for key in ("features", "multi"):
-                if f"dataset.{key}" in p:
-                    load_options[key] = p[f"dataset.{key}"].split(",")
+        recorded = load_kwargs({k: p[f"dataset.{k}"] for k in DATA_OPTIONS if f"dataset.{k}" in p})
+        named = "features" in load_options or "multi" in load_options  # columns named now replace both
+        for option, value in recorded.items():
+            if value is not None and not (named and option in ("features", "multi")):
+                load_options.setdefault(option, value)
     data = prepare(load(src, seed=seed, **load_options), split=split, seed=seed, min_freq=min_freq)
     expected = p.get("dataset.fingerprint")
     if expected and data.fingerprint != expected:

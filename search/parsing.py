@@ -66,3 +66,18 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise ValueError(f"{what} is {text!r}, but must be comma-separated integers >= 1, e.g. 64,32")
     return values
+
+
+# How a table or MovieLens is read (CLI dests): recorded with a search (cli.data_options) and read back by confirm
+DATA_OPTIONS = ("label", "features", "multi", "sep", "positive_threshold", "positive_label", "time_column", "delimiter")
+
+
+def load_kwargs(options) -> dict:
+    """``DATA_OPTIONS``-named values (as the CLI parses them, or as text from a run's ``dataset.*`` params) as
+    ``pipelines.load``'s keyword arguments."""
+    features, multi = feature_columns(options.get("features"), options.get("multi"))
+    threshold = options.get("positive_threshold")
+    return {"label": options.get("label"), "features": features or None, "multi": multi or None,
+            "sep": options.get("sep") or "|", "threshold": None if threshold is None else float(threshold),
+            "time": options.get("time_column"), "delimiter": options.get("delimiter"),
+            "positive_label": options.get("positive_label")}

@@ -269,7 +269,8 @@ def _searched_data(args, recipe: Recipe):
     --features/--multi replace the recipe's both."""
     import argparse
 
-    from .cli import DATA_OPTIONS, build_parser
+    from .cli import build_parser
+    from .parsing import DATA_OPTIONS
 
     ds, defaults = recipe.dataset, vars(build_parser().parse_args(["train"]))
     taken = {}

@@ -44,7 +44,7 @@ def client(uri: str):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     mlflow.set_tracking_uri(uri)
-    if not uri.startswith("sqlite:///") or uri[len("sqlite:///") :] in ("", ":memory:"):
+    if uri in _OPENED or not uri.startswith("sqlite:///") or uri[len("sqlite:///") :] in ("", ":memory:"):
         return MlflowClient(uri)
     from filelock import FileLock
 
@@ -63,7 +63,11 @@ def client(uri: str):
             os.replace(tmp, db)
         c = MlflowClient(uri)
         c.search_experiments(max_results=1)
+    _OPENED.add(uri)
     return c
+
+
+_OPENED: set[str] = set()  # SQLite stores this process has opened once (under the lock) already
 
 
 def dataset(data, source: str):
