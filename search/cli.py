@@ -471,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         print(f"embsize: {e}" if str(e) else "embsize: interrupted", file=sys.stderr)
-        return 130
+        from .runner import terminated
+
+        return 143 if terminated() else 130  # 128 + the signal, as a shell reports it
 
 
 if __name__ == "__main__":

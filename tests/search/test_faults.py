@@ -295,6 +295,45 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
+    """`kill` (docker stop, a job manager) and Ctrl-C stop the search the same way: Tune saves its state, the runs
+    are closed KILLED, one line gives the resume command; `--resume NAME` then finishes every trial."""
+    trials = 4
+    args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
+            "--no-heuristics", "--name", "stopped", "--scheduler", "fifo"]
+    ray_tmp = _ray_tmp()
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, text=True,
+                             env=_env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.5"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        for line in p.stdout:
+            if FINISHED_LINE.search(line):
+                p.send_signal(sig)
+                break
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == code, err[-3000:]
+        assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]  # no C++ abort dump
+        assert err.strip().splitlines()[-1] == (
+            "embsize: search 'stopped' was interrupted; continue it with "
+            f"`embsize search --resume stopped --output-dir {tmp_path / 'embsize-out'}`")
+        _, parents, children = _runs(uri, "stopped")
+        assert [r.info.status for r in parents] == ["KILLED"]
+        assert "RUNNING" not in {r.info.status for r in children}
+        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", "stopped"], cwd=tmp_path,
+                                 env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "trials.csv")
+    assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
+    _, parents, _ = _runs(uri, "stopped")
+    assert [r.info.status for r in parents] == ["FINISHED"]
+
+
 # --- a lost worker node (slow) ---------------------------------------------------------------------------------------
 
 
