@@ -245,6 +245,8 @@ def cmd_search(args) -> int:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
+    if not args.verbose:
+        _quiet_trial_tracebacks()
     while True:
         progress = _Progress(args.trials)
         command = _command(args, name, out_dir, uri)
@@ -262,6 +264,17 @@ def cmd_search(args) -> int:
             print(f"search name '{taken}' was taken by a search started at the same moment; this one is '{name}'")
     _print_result(result)
     return 0
+
+
+def _quiet_trial_tracebacks() -> None:
+    """Ray Tune logs a failed trial's whole traceback (twice when the trial is retried); the progress line names the
+    error, and the traceback is the trial run's error.txt in MLflow (and error.txt in Ray's trial folder). -v keeps
+    Ray's log."""
+    class DropTrialFailed(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Trial task failed")
+
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(DropTrialFailed())
 
 
 def _fresh_name(out_dir: Path, base: str) -> str:
@@ -338,7 +351,8 @@ class _Progress:
         if kind == "result":
             return
         if kind == "retried":
-            print(f"  trial {trial.trial_id} failed; retrying it from its last checkpoint (--max-failures)", flush=True)
+            print(f"  trial {trial.trial_id} failed ({result['error']}); retrying it from its last checkpoint "
+                  "(--max-failures)", flush=True)
             return
         self.running.discard(trial.trial_id)
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -352,7 +366,8 @@ class _Progress:
         done = sum(self.counts.values())
         print(f"[{done:3d} finished] completed {self.counts['completed']}  stopped early {self.counts['stopped_early']}"
               f"  failed {self.counts['failed']}  running {len(self.running)}  best AUC {best:.4f}  front {front}"
-              f"   <- {trial.trial_id} {kind}{' (' + label + ')' if label else ''}", flush=True)
+              f"   <- {trial.trial_id} {kind}{' (' + label + ')' if label else ''}"
+              f"{': ' + result['error'] if kind == 'failed' else ''}", flush=True)
 
 
 def _print_result(result) -> None:

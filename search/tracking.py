@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -375,8 +376,9 @@ class TrialRuns(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """Ray retries a failed trial (``--max-failures``) from its last checkpoint: the run stays open, counted."""
-        self._submit(self._retried, trial.trial_id, dict(trial.config), _error_text(trial))
-        self._emit("retried", trial, dict(trial.last_result or {}))
+        line = error_line(error_text(trial))
+        self._submit(self._retried, trial.trial_id, dict(trial.config), line)
+        self._emit("retried", trial, {**(trial.last_result or {}), "error": line})
 
     def _retried(self, trial_id: str, config: dict, error_text: str) -> None:
         run_id = self._run_for(trial_id, config)
@@ -393,8 +395,9 @@ class TrialRuns(Callback):
     def _finish(self, trial, error: bool) -> None:
         self.unfinished.discard(trial.trial_id)
         result = dict(trial.last_result or {})
-        self._submit(self._close, trial.trial_id, dict(trial.config), result, error, _error_text(trial) if error else "")
-        self._emit(trial_outcome(result, error), trial, result)
+        text = error_text(trial) if error else ""
+        self._submit(self._close, trial.trial_id, dict(trial.config), result, error, text)
+        self._emit(trial_outcome(result, error), trial, {**result, "error": error_line(text)} if error else result)
 
     def _close(self, trial_id: str, config: dict, result: dict, error: bool, error_text: str) -> None:
         from mlflow.entities import Metric, RunTag
@@ -405,12 +408,14 @@ class TrialRuns(Callback):
         if outcome == "completed":
             tags["ended"] = str(result.get("ended", ""))
         if error:
-            tags["error"] = error_text
+            tags["error"] = error_line(error_text)
         now = int(time.time() * 1000)
         metrics = [Metric("epochs_trained", float(result.get("epoch", 0)), now, 0)]
         if isinstance(result.get("epoch_seconds"), (int, float)) and math.isfinite(result["epoch_seconds"]):
             metrics.append(Metric("epoch_seconds", float(result["epoch_seconds"]), now, 0))  # its last epoch's
         self.c.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        if error and error_text:  # the whole traceback, which the CLI does not print (the tag holds its last line)
+            self.c.log_text(run_id, error_text, "error.txt")
         self.c.set_terminated(run_id, status="FAILED" if error else "FINISHED")
 
     def _emit(self, kind: str, trial, result) -> None:
@@ -424,11 +429,16 @@ def _params(config: dict):
     return [Param(k, str(v)[:6000]) for k, v in sorted(config.items())]
 
 
-def _error_text(trial) -> str:
+def error_text(trial) -> str:
+    """The failed trial's traceback as Ray recorded it (its error file, without the terminal colour codes), or ''."""
     path = getattr(trial, "error_file", None) or ""
     try:
-        text = Path(path).read_text() if path else ""
+        return re.sub(r"\x1b\[[0-9;]*m", "", Path(path).read_text()) if path else ""
     except OSError:
-        text = ""
+        return ""
+
+
+def error_line(text: str) -> str:
+    """A traceback's last line (the exception and its message)."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "trial failed (no error text recorded)"
+    return lines[-1].strip() if lines else "trial failed (no error text recorded)"

@@ -191,6 +191,12 @@ def test_failing_trials_end_failed_while_the_others_finish(failing_search):
             assert expected in run.data.tags["error"]
             assert run.data.tags["outcome"] == "failed"
             assert run.data.tags["retries"] == "1"  # --max-failures 1: retried once (from its checkpoint), then failed
+            traceback = c.download_artifacts(run.info.run_id, "error.txt", str(work / trial_id))
+            assert Path(traceback).read_text().splitlines()[0].startswith("Failure # 1")  # Ray's error file, whole
+            text = Path(traceback).read_text()
+            assert expected in text and 'search/trial.py", line' in text and "\x1b[" not in text  # frames, no colours
+            # the progress line names the error; Ray's traceback log is kept off the terminal (-v shows it)
+            assert re.search(rf"<- {trial_id} failed: .*{re.escape(expected)}", p.stdout), p.stdout
         else:
             assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
 
@@ -201,6 +207,7 @@ def test_failing_trials_end_failed_while_the_others_finish(failing_search):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == len(failed_ids) and summary["completed"] == 6 - len(failed_ids)
     assert "retrying it from its last checkpoint" in p.stdout
+    assert "Trial task failed" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
 
 
 @pytest.mark.slow
