@@ -164,7 +164,7 @@ def replay(fifo: Run, scheduler: str, args, ref: tuple[float, float], workers: i
         now, _, i, epoch = heapq.heappop(events)
         auc, nbytes, _, final = curves[i][epoch - 1]
         run.epochs += 1
-        result = {"training_iteration": epoch, "best_val_auc": auc, "model_bytes": nbytes}
+        result = {"training_iteration": epoch, "best_val_auc": auc, "model_bytes": nbytes, "final": final}
         stop = sched.on_trial_result(None, trials[i], result) == TrialScheduler.STOP
         if final or stop or epoch == len(curves[i]):  # the last test covers a trial that failed under FIFO
             sched.on_trial_complete(None, trials[i], result)

@@ -10,7 +10,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket as RayBracket
 
 from search.pareto import non_dominated
-from search.pareto_asha import ParetoASHA, keeps
+from search.pareto_asha import ParetoASHA, keeps, outrun
 from search.schedulers import SCHEDULERS, decision_epochs, make_scheduler
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -144,7 +144,7 @@ def test_pareto_asha_ignores_results_without_its_attributes():
 @pytest.mark.parametrize(
     "kwargs, word",
     [({"max_t": 0}, "max_t"), ({"grace_period": 10}, "grace_period"), ({"reduction_factor": 1}, "reduction_factor"),
-     ({"brackets": 0}, "brackets")],
+     ({"brackets": 0}, "brackets"), ({"outrun_quantile": 1.5}, "outrun_quantile")],
 )
 def test_pareto_asha_refuses_bad_settings(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -154,6 +154,67 @@ def test_pareto_asha_refuses_bad_settings(kwargs, word):
 def test_pareto_asha_refuses_a_tune_config_metric():
     assert pareto().set_search_properties(None, None)
     assert not pareto().set_search_properties("val_auc", "max")
+
+
+# --- outrun: stopped when a finished trial dominates even an optimistic end ---------------------------------------
+
+
+def finish(sched, trial, curve: list[float], nbytes: int) -> None:
+    """Report a trial epoch by epoch to its end (trained to the full budget or converged: ``final``)."""
+    for t, auc in enumerate(curve, 1):
+        r = {**result(t, auc, nbytes), "final": t == len(curve)}
+        if t < len(curve):
+            assert sched.on_trial_result(None, trial, r) == CONTINUE
+    sched.on_trial_complete(None, trial, r)
+
+
+def test_outrun_projects_by_the_quantile_of_finished_gains():
+    # three finished trials gained 0.02, 0.04 and 0.06 after epoch 1; the best ended at 0.76 with 1,000 bytes
+    finished = [(0.72, 5_000, [0.70, 0.71, 0.72]), (0.74, 5_000, [0.70, 0.72, 0.74]), (0.76, 1_000, [0.70, 0.73, 0.76])]
+    assert outrun(0.70, 2_000, 1, finished, 0.5)  # 0.70 + median 0.04 = 0.74 < 0.76 at fewer bytes
+    assert not outrun(0.705, 2_000, 1, finished, 1.0)  # 0.705 + the largest gain 0.06 beats 0.76
+    assert outrun(0.705, 2_000, 1, finished, 0.5)
+    assert not outrun(0.70, 500, 1, finished, 0.5)  # cheaper than every finished trial: nothing dominates it
+    assert not outrun(0.75, 2_000, 1, finished, 0.0)  # 0.75 + 0.02 = 0.77 beats them all
+    assert not outrun(0.60, 2_000, 1, finished[:2], 0.5)  # two finished trials are too few to project from
+    assert not outrun(0.60, 2_000, 3, finished, 0.5)  # none trained past epoch 3: no gains to read
+
+
+# finished trials, each on the rung fronts as it goes: the cheapest learns slowest (gains after epoch 1: 0.10, 0.04,
+# 0.035; median 0.04) and ends best
+FINISHED = {"d0": (1_000, [0.66, 0.70, 0.73, 0.76]), "d1": (2_000, [0.70, 0.72, 0.732, 0.74]),
+            "d2": (3_000, [0.71, 0.725, 0.735, 0.745])}
+
+
+def with_finished(**kw) -> ParetoASHA:
+    s = pareto(max_t=9, grace_period=1, reduction_factor=3, **kw)
+    for name, (size, curve) in FINISHED.items():
+        finish(s, *added(s, name), curve, size)
+    return s
+
+
+@pytest.mark.parametrize("quantile, stops", [(0.5, True), (1.0, False), (None, False)])
+def test_pareto_asha_stops_a_trial_a_finished_one_outruns_where_the_rung_rule_keeps_it(quantile, stops):
+    s = with_finished(outrun_quantile=quantile)
+    late, top = added(s, "late", "top")
+    # 0.715 at 5,000 bytes has the rung's best AUC at epoch 1, so the rung rule keeps it (quantile None); with the
+    # median gain it ends at 0.755, below d0's 0.76 at 1,000 bytes: outrun. With the largest gain (0.10) it would not be.
+    assert report(s, late, 1, 0.715, 5_000) == (STOP if stops else CONTINUE)
+    assert report(s, top, 1, 0.73, 5_000) == CONTINUE  # 0.73 + 0.04 = 0.77 would beat every finished trial
+    assert f"outrun by a finished trial: {int(stops)}" in s.debug_string()
+
+
+def test_pareto_asha_outrun_spares_heuristics_and_ignores_stopped_trials():
+    s = with_finished()
+    (base,) = added(s, "base", heuristic="sqrt")
+    assert report(s, base, 1, 0.60, 50_000) == CONTINUE  # a baseline always trains to the end
+    assert len(s._finished) == 3
+    t = pareto(max_t=9, grace_period=1, reduction_factor=3)
+    stopped = added(t, "s0", "s1", "s2")
+    for tr in stopped:  # ended without "final": stopped early, so no gains are read from them
+        t.on_trial_result(None, tr, result(1, 0.80, 100))
+        t.on_trial_complete(None, tr, {**result(1, 0.80, 100), "final": False})
+    assert t._finished == []
 
 
 def test_pareto_asha_save_restore_keeps_rungs(tmp_path):
