@@ -204,6 +204,15 @@ def test_pareto_asha_stops_a_trial_a_finished_one_outruns_where_the_rung_rule_ke
     assert f"outrun by a finished trial: {int(stops)}" in s.debug_string()
 
 
+def test_pareto_asha_save_restore_keeps_finished_trials(tmp_path):
+    s = with_finished()
+    s.save(str(tmp_path / "sched.pkl"))
+    t = pareto(max_t=9, grace_period=1, reduction_factor=3)
+    t.restore(str(tmp_path / "sched.pkl"))
+    (late,) = added(t, "late")
+    assert report(t, late, 1, 0.715, 5_000) == STOP  # outrun by d0, as before the save
+
+
 def test_pareto_asha_outrun_spares_heuristics_and_ignores_stopped_trials():
     s = with_finished()
     (base,) = added(s, "base", heuristic="sqrt")
