@@ -205,7 +205,7 @@ def test_pareto_asha_stops_a_trial_a_finished_one_outruns_where_the_rung_rule_ke
 
 
 def test_pareto_asha_save_restore_keeps_finished_trials(tmp_path):
-    s = with_finished()
+    s = with_finished(outrun_quantile=0.5)
     s.save(str(tmp_path / "sched.pkl"))
     t = pareto(max_t=9, grace_period=1, reduction_factor=3)
     t.restore(str(tmp_path / "sched.pkl"))
