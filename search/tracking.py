@@ -196,7 +196,9 @@ class TrialRuns(Callback):
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.unfinished: set[str] = set()  # trials started (or restored) and not yet completed or failed
-        self.logged: dict[str, int] = {}  # trial id -> last epoch logged before this process (resumed runs)
+        # trial id -> last epoch logged (by this process, or before it for a resumed run): a trial Ray retries, or a
+        # resumed search continues, reports again the epochs after its last checkpoint; each is logged once
+        self.logged: dict[str, int] = {}
         # what a run has been given already: its best AUC so far, whether its bytes, its placement tags
         self.sent: dict[str, dict] = {}  # run id -> {"best": float, "bytes": bool, "tags": dict}
         self.restored = False  # set by ``rewire``: the trials may have runs from before
@@ -351,6 +353,7 @@ class TrialRuns(Callback):
             step = int(result.get("epoch", result.get("training_iteration", 0)))
             if step <= self.logged.get(trial_id, 0):
                 continue
+            self.logged[trial_id] = step
             sent = self.sent.setdefault(run_id, {"best": -math.inf, "bytes": False, "tags": {}})
             values = {k: result.get(k) for k in ("val_auc", "val_logloss", "train_loss")}
             best = result.get("best_val_auc")

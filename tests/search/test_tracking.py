@@ -42,3 +42,72 @@ def test_a_new_sqlite_store_opened_by_four_processes_at_once(tmp_path):
         exp = c.get_experiment_by_name(f"e{i}")
         (run,) = c.search_runs([exp.experiment_id])
         assert run.data.metrics["x"] == float(i) and run.info.status == "FINISHED"
+
+
+# --- the trial-run callback, driven as Ray Tune drives it, against a real SQLite store -------------------------------
+
+
+class _Trial:
+    """What TrialRuns reads of a Ray Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config, self.last_result, self.error_file = trial_id, config, None, ""
+
+
+def _opened(uri: str):
+    from concurrent.futures import Future
+
+    from search import tracking
+
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment(c, "embsize", uri)
+    parent = c.create_run(exp, run_name="s", tags={"embsize.kind": "search", "embsize.name": "s"}).info.run_id
+    opened = Future()
+    opened.set_result((c, exp, parent))
+    return opened
+
+
+AUCS = [0.60, 0.58, 0.65, 0.66]
+
+
+def _report(runs, trial: _Trial, epochs, max_epochs: int = len(AUCS)) -> None:
+    for epoch in epochs:
+        auc = AUCS[epoch - 1]
+        result = {"epoch": epoch, "val_auc": auc, "val_logloss": 0.6, "train_loss": 0.5,
+                  "best_val_auc": max(AUCS[:epoch]), "model_bytes": 1234, "final": epoch == max_epochs,
+                  "ended": "max_epochs" if epoch == max_epochs else "", "node": "10.0.0.1", "device": "cpu"}
+        trial.last_result = result
+        runs.on_trial_result(0, [], trial, result)
+
+
+def _history(c, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))]
+
+
+def test_a_retried_trial_logs_each_epoch_once(tracking_uri, tmp_path):
+    # Ray retries a failed trial (--max-failures) from its last checkpoint, by default at most one per 30 s: the
+    # retry reports again the epochs after it, and MLflow got each of them twice (val_auc steps 1, 2, 1, 2, 3, 4)
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, _, parent = opened.result()
+    runs = tracking.TrialRuns(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    trial = _Trial("t1", {"dim.a": 4})
+    runs.on_trial_start(0, [], trial)
+    _report(runs, trial, [1, 2])
+    runs.flush()
+    trial.error_file = str(tmp_path / "error.txt")
+    (tmp_path / "error.txt").write_text("Traceback...\nRuntimeError: worker lost\n")
+    runs.on_trial_recover(0, [], trial)
+    _report(runs, trial, [1, 2, 3, 4])  # no checkpoint yet: the retry starts over
+    runs.on_trial_complete(0, [], trial)
+    runs.close()
+
+    (run,) = tracking.child_runs(c, opened.result()[1], parent)
+    assert run.info.status == "FINISHED" and run.data.tags["retries"] == "1"
+    assert run.data.tags["outcome"] == "completed" and run.data.tags["epochs_trained"] == "4"
+    for key in ("val_auc", "val_logloss", "train_loss"):
+        assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
+    assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
+    assert runs.errors == []
