@@ -317,6 +317,10 @@ class TrialRuns(Callback):
             # epochs logged before the interruption are not logged twice when the trial repeats them from an
             # earlier checkpoint
             self.logged[trial_id] = max((m.step for m in self.c.get_metric_history(run_id, "val_auc")), default=0)
+            # ... nor its model_bytes (logged once) and best_val_auc (when it improves) again
+            metrics, tags = existing[0].data.metrics, existing[0].data.tags
+            self.sent[run_id] = {"best": metrics.get("best_val_auc", -math.inf), "bytes": "model_bytes" in metrics,
+                                 "tags": {k: tags[k] for k in PLACEMENT if k in tags}}
         else:
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
@@ -366,7 +370,7 @@ class TrialRuns(Callback):
             metrics += [Metric(k, float(v), now, step) for k, v in values.items()
                         if isinstance(v, (int, float)) and math.isfinite(float(v))]
             # where the trial runs (a retried trial may move): node IP, Ray node id (unique per node), GPUs, cpu|cuda
-            placed = {k: str(result[k]) for k in ("node", "node_id", "gpu_ids", "device") if k in result}
+            placed = {k: str(result[k]) for k in PLACEMENT if k in result}
             tags.update({k: v for k, v in placed.items() if sent["tags"].get(k) != v})
             sent["tags"].update(placed)
         for run_id, (metrics, tags) in batches.items():
@@ -424,6 +428,9 @@ class TrialRuns(Callback):
     def _emit(self, kind: str, trial, result) -> None:
         if self.on_event is not None:
             self.on_event(kind, trial, result)
+
+
+PLACEMENT = ("node", "node_id", "gpu_ids", "device")  # where a trial runs: node IP, Ray node id, GPUs, cpu|cuda
 
 
 def _params(config: dict):

@@ -111,3 +111,37 @@ def test_a_retried_trial_logs_each_epoch_once(tracking_uri, tmp_path):
         assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
     assert runs.errors == []
+
+
+def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tracking_uri):
+    # the restored callback forgot what the run had been given: a continued trial logged model_bytes a second time
+    # (steps 1 and 3) and best_val_auc again though it had not improved
+    import pickle
+
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    first = tracking.TrialRuns(tracking_uri, opened)
+    first.GATHER_S = 0.05
+    saved = pickle.dumps(first)  # Ray pickles the callbacks when the Tuner is built (tuner.pkl)
+    trial = _Trial("t1", {"dim.a": 4})
+    first.on_trial_start(0, [], trial)
+    _report(first, trial, [1, 2])
+    first.close()  # Ctrl-C: the runner closes the writer, then the runs left open
+    assert tracking.close_interrupted(c, exp, parent) == 1
+
+    runs = pickle.loads(saved)  # Tuner.restore
+    runs.rewire(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    trial = _Trial("t1", {"dim.a": 4})
+    runs.on_trial_start(0, [], trial)
+    _report(runs, trial, [1, 2, 3, 4])  # from its start: no checkpoint was saved before the interruption
+    runs.on_trial_complete(0, [], trial)
+    runs.close()
+
+    (run,) = tracking.child_runs(c, exp, parent)
+    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
+    assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
+    assert _history(c, run.info.run_id, "model_bytes") == [(1, 1234.0)]
+    assert _history(c, run.info.run_id, "best_val_auc") == [(1, 0.60), (3, 0.65), (4, 0.66)]
