@@ -351,6 +351,9 @@ class TrialRuns(Callback):
         from mlflow.entities import Metric, RunTag
 
         batches: dict[str, tuple[list, dict]] = {}
+        # what each run will have been given once its batch is written: a write that fails (a server hiccup) leaves
+        # the run's record as it was, so its model_bytes, best AUC and tags are sent again with the next epoch
+        pending: dict[str, dict] = {}
         now = int(time.time() * 1000)
         for trial_id, config, result in results:
             run_id = self._run_for(trial_id, config)
@@ -358,7 +361,10 @@ class TrialRuns(Callback):
             if step <= self.logged.get(trial_id, 0):
                 continue
             self.logged[trial_id] = step
-            sent = self.sent.setdefault(run_id, {"best": -math.inf, "bytes": False, "tags": {}})
+            if run_id not in pending:
+                was = self.sent.get(run_id, {"best": -math.inf, "bytes": False, "tags": {}})
+                pending[run_id] = {**was, "tags": dict(was["tags"])}
+            sent = pending[run_id]
             values = {k: result.get(k) for k in ("val_auc", "val_logloss", "train_loss")}
             best = result.get("best_val_auc")
             if isinstance(best, (int, float)) and best > sent["best"]:
@@ -374,9 +380,15 @@ class TrialRuns(Callback):
             tags.update({k: v for k, v in placed.items() if sent["tags"].get(k) != v})
             sent["tags"].update(placed)
         for run_id, (metrics, tags) in batches.items():
-            for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
-                self.c.log_batch(run_id, metrics=metrics[i : i + 1000],
-                                 tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+            try:  # run by run: one run's failed write does not lose the others' epochs
+                for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
+                    self.c.log_batch(run_id, metrics=metrics[i : i + 1000],
+                                     tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+            except Exception as e:  # noqa: BLE001 - as _call: reported, the search goes on
+                log.warning("MLflow write failed: %s", e)
+                self.errors.append(str(e))
+                continue
+            self.sent[run_id] = pending[run_id]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
@@ -418,6 +430,12 @@ class TrialRuns(Callback):
             tags["error"] = error_line(error_text)
         now = int(time.time() * 1000)
         metrics = [Metric("epochs_trained", float(result.get("epoch", 0)), now, 0)]
+        sent = self.sent.get(run_id, {})
+        # the last chance for values whose epoch's write failed: `embsize report` reads them from the run
+        if not sent.get("bytes") and isinstance(result.get("model_bytes"), (int, float)):
+            metrics.append(Metric("model_bytes", float(result["model_bytes"]), now, int(result.get("epoch", 0))))
+        if isinstance(result.get("best_val_auc"), (int, float)) and result["best_val_auc"] > sent.get("best", -math.inf):
+            metrics.append(Metric("best_val_auc", float(result["best_val_auc"]), now, int(result.get("epoch", 0))))
         if isinstance(result.get("epoch_seconds"), (int, float)) and math.isfinite(result["epoch_seconds"]):
             metrics.append(Metric("epoch_seconds", float(result["epoch_seconds"]), now, 0))  # its last epoch's
         self.c.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])

@@ -145,3 +145,54 @@ def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tra
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
     assert _history(c, run.info.run_id, "model_bytes") == [(1, 1234.0)]
     assert _history(c, run.info.run_id, "best_val_auc") == [(1, 0.60), (3, 0.65), (4, 0.66)]
+
+
+class _FlakyClient:
+    """A real MlflowClient whose first ``failures`` metric writes fail, as a tracking server's hiccup would."""
+
+    def __init__(self, client, failures: int):
+        self._client, self.failures = client, failures
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        if metrics and self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("503 Service Unavailable")
+        return self._client.log_batch(run_id, metrics=metrics, **kwargs)
+
+
+def test_a_failed_metric_write_does_not_lose_model_bytes_or_other_runs_epochs(tracking_uri):
+    # the writer marked model_bytes and the best AUC as sent before the write: one failed batch (the first epoch)
+    # left the run without model_bytes for good, which `embsize report` read as a 0-byte model; and one run's failed
+    # write dropped the epochs of every other run in the same batch
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    runs = tracking.TrialRuns(tracking_uri, opened)
+    runs._client = _FlakyClient(c, failures=1)
+    runs.experiment_id, runs.parent_run_id = exp, parent
+    runs.GATHER_S = 0.5
+    a, b = _Trial("a", {"dim.a": 4}), _Trial("b", {"dim.a": 8})
+    for t in (a, b):
+        runs.on_trial_start(0, [], t)
+    runs.flush()
+    _report(runs, a, [1])
+    _report(runs, b, [1])  # one gathered batch: a's write fails, b's goes through
+    runs.flush()
+    for t in (a, b):
+        _report(runs, t, [2, 3, 4])
+        runs.on_trial_complete(0, [], t)
+    runs.close()
+
+    assert runs.errors == ["503 Service Unavailable"]
+    by_trial = {r.data.tags["trial_id"]: r for r in tracking.child_runs(c, exp, parent)}
+    a_run, b_run = by_trial["a"], by_trial["b"]
+    assert [s for s, _ in _history(c, a_run.info.run_id, "val_auc")] == [2, 3, 4]  # epoch 1's write was lost
+    assert [s for s, _ in _history(c, b_run.info.run_id, "val_auc")] == [1, 2, 3, 4]
+    for run in (a_run, b_run):
+        assert run.data.metrics["model_bytes"] == 1234 and len(_history(c, run.info.run_id, "model_bytes")) == 1
+        assert run.data.metrics["best_val_auc"] == max(AUCS)
+    assert a_run.data.tags["node"] == "10.0.0.1"  # the placement tags of the lost batch came with the next one
