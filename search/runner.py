@@ -476,7 +476,7 @@ def _write_tables(result: SearchResult) -> None:
 
 
 def _log_parent(c, parent_id: str, result: SearchResult) -> None:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
     s = json.loads((result.out / "summary.json").read_text())
@@ -496,6 +496,14 @@ def _log_parent(c, parent_id: str, result: SearchResult) -> None:
     }
     c.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     c.set_tag(parent_id, "recommended_trial", result.recommended["trial_id"])
+    c.set_tag(parent_id, "recommended_run_id", result.recommended["run_id"])
+    # the front and the pick on the trial runs themselves, so the MLflow UI's runs table filters them
+    # (tags.on_front = 'true', tags.recommended = 'true'); a resumed search may pick another, so every run is set
+    front, pick = {r["trial_id"] for r in result.front}, result.recommended["trial_id"]
+    for r in result.trials:
+        if r["run_id"]:
+            c.log_batch(r["run_id"], tags=[RunTag("on_front", str(r["trial_id"] in front).lower()),
+                                           RunTag("recommended", str(r["trial_id"] == pick).lower())])
     for name in ("recommended.yaml", "front.csv", "trials.csv", "pareto.png", "summary.json"):
         c.log_artifact(parent_id, str(result.out / name))
 

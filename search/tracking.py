@@ -196,7 +196,9 @@ class TrialRuns(Callback):
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.unfinished: set[str] = set()  # trials started (or restored) and not yet completed or failed
-        self.logged: dict[str, int] = {}  # trial id -> last epoch logged before this process (resumed runs)
+        # trial id -> last epoch logged (by this process, or before it for a resumed run): a trial Ray retries, or a
+        # resumed search continues, reports again the epochs after its last checkpoint; each is logged once
+        self.logged: dict[str, int] = {}
         # what a run has been given already: its best AUC so far, whether its bytes, its placement tags
         self.sent: dict[str, dict] = {}  # run id -> {"best": float, "bytes": bool, "tags": dict}
         self.restored = False  # set by ``rewire``: the trials may have runs from before
@@ -315,6 +317,10 @@ class TrialRuns(Callback):
             # epochs logged before the interruption are not logged twice when the trial repeats them from an
             # earlier checkpoint
             self.logged[trial_id] = max((m.step for m in self.c.get_metric_history(run_id, "val_auc")), default=0)
+            # ... nor its model_bytes (logged once) and best_val_auc (when it improves) again
+            metrics, tags = existing[0].data.metrics, existing[0].data.tags
+            self.sent[run_id] = {"best": metrics.get("best_val_auc", -math.inf), "bytes": "model_bytes" in metrics,
+                                 "tags": {k: tags[k] for k in PLACEMENT if k in tags}}
         else:
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
@@ -345,13 +351,20 @@ class TrialRuns(Callback):
         from mlflow.entities import Metric, RunTag
 
         batches: dict[str, tuple[list, dict]] = {}
+        # what each run will have been given once its batch is written: a write that fails (a server hiccup) leaves
+        # the run's record as it was, so its model_bytes, best AUC and tags are sent again with the next epoch
+        pending: dict[str, dict] = {}
         now = int(time.time() * 1000)
         for trial_id, config, result in results:
             run_id = self._run_for(trial_id, config)
             step = int(result.get("epoch", result.get("training_iteration", 0)))
             if step <= self.logged.get(trial_id, 0):
                 continue
-            sent = self.sent.setdefault(run_id, {"best": -math.inf, "bytes": False, "tags": {}})
+            self.logged[trial_id] = step
+            if run_id not in pending:
+                was = self.sent.get(run_id, {"best": -math.inf, "bytes": False, "tags": {}})
+                pending[run_id] = {**was, "tags": dict(was["tags"])}
+            sent = pending[run_id]
             values = {k: result.get(k) for k in ("val_auc", "val_logloss", "train_loss")}
             best = result.get("best_val_auc")
             if isinstance(best, (int, float)) and best > sent["best"]:
@@ -363,13 +376,19 @@ class TrialRuns(Callback):
             metrics += [Metric(k, float(v), now, step) for k, v in values.items()
                         if isinstance(v, (int, float)) and math.isfinite(float(v))]
             # where the trial runs (a retried trial may move): node IP, Ray node id (unique per node), GPUs, cpu|cuda
-            placed = {k: str(result[k]) for k in ("node", "node_id", "gpu_ids", "device") if k in result}
+            placed = {k: str(result[k]) for k in PLACEMENT if k in result}
             tags.update({k: v for k, v in placed.items() if sent["tags"].get(k) != v})
             sent["tags"].update(placed)
         for run_id, (metrics, tags) in batches.items():
-            for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
-                self.c.log_batch(run_id, metrics=metrics[i : i + 1000],
-                                 tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+            try:  # run by run: one run's failed write does not lose the others' epochs
+                for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
+                    self.c.log_batch(run_id, metrics=metrics[i : i + 1000],
+                                     tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+            except Exception as e:  # noqa: BLE001 - as _call: reported, the search goes on
+                log.warning("MLflow write failed: %s", e)
+                self.errors.append(str(e))
+                continue
+            self.sent[run_id] = pending[run_id]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
@@ -411,6 +430,12 @@ class TrialRuns(Callback):
             tags["error"] = error_line(error_text)
         now = int(time.time() * 1000)
         metrics = [Metric("epochs_trained", float(result.get("epoch", 0)), now, 0)]
+        sent = self.sent.get(run_id, {})
+        # the last chance for values whose epoch's write failed: `embsize report` reads them from the run
+        if not sent.get("bytes") and isinstance(result.get("model_bytes"), (int, float)):
+            metrics.append(Metric("model_bytes", float(result["model_bytes"]), now, int(result.get("epoch", 0))))
+        if isinstance(result.get("best_val_auc"), (int, float)) and result["best_val_auc"] > sent.get("best", -math.inf):
+            metrics.append(Metric("best_val_auc", float(result["best_val_auc"]), now, int(result.get("epoch", 0))))
         if isinstance(result.get("epoch_seconds"), (int, float)) and math.isfinite(result["epoch_seconds"]):
             metrics.append(Metric("epoch_seconds", float(result["epoch_seconds"]), now, 0))  # its last epoch's
         self.c.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
@@ -421,6 +446,9 @@ class TrialRuns(Callback):
     def _emit(self, kind: str, trial, result) -> None:
         if self.on_event is not None:
             self.on_event(kind, trial, result)
+
+
+PLACEMENT = ("node", "node_id", "gpu_ids", "device")  # where a trial runs: node IP, Ray node id, GPUs, cpu|cuda
 
 
 def _params(config: dict):

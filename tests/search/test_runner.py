@@ -134,3 +134,22 @@ def test_search_memory_budget_is_never_exceeded(data, ray_session, tmp_path):
     assert len([r for r in trained if not r["heuristic"]]) == 6
     assert all(r["model_bytes"] <= budget for r in trained)
     assert result.recommended["model_bytes"] <= budget
+
+
+def test_search_marks_the_front_and_the_pick_on_the_trial_runs(searched):
+    # only the parent run named the recommended trial (tag recommended_trial): the MLflow UI's runs table could not
+    # filter the front or the pick among the trial runs
+    result, uri, *_ = searched
+    c = MlflowClient(uri)
+    parent = c.get_run(result.parent_run_id)
+    exp = parent.info.experiment_id
+    nested = f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    front = c.search_runs([exp], f"{nested} and tags.on_front = 'true'")
+    assert {r.data.tags["trial_id"] for r in front} == {r["trial_id"] for r in result.front}
+    assert all(r.data.tags["outcome"] == "completed" for r in front)
+    (pick,) = c.search_runs([exp], f"{nested} and tags.recommended = 'true'")
+    assert pick.data.tags["trial_id"] == result.recommended["trial_id"] == parent.data.tags["recommended_trial"]
+    assert pick.info.run_id == parent.data.tags["recommended_run_id"] == result.recommended["run_id"]
+    others = c.search_runs([exp], f"{nested} and tags.recommended = 'false'")
+    assert len(others) == len(result.trials) - 1
+    assert len(c.search_runs([exp], f"{nested} and tags.on_front = 'false'")) == len(result.trials) - len(front)

@@ -42,3 +42,157 @@ def test_a_new_sqlite_store_opened_by_four_processes_at_once(tmp_path):
         exp = c.get_experiment_by_name(f"e{i}")
         (run,) = c.search_runs([exp.experiment_id])
         assert run.data.metrics["x"] == float(i) and run.info.status == "FINISHED"
+
+
+# --- the trial-run callback, driven as Ray Tune drives it, against a real SQLite store -------------------------------
+
+
+class _Trial:
+    """What TrialRuns reads of a Ray Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config, self.last_result, self.error_file = trial_id, config, None, ""
+
+
+def _opened(uri: str):
+    from concurrent.futures import Future
+
+    from search import tracking
+
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment(c, "embsize", uri)
+    parent = c.create_run(exp, run_name="s", tags={"embsize.kind": "search", "embsize.name": "s"}).info.run_id
+    opened = Future()
+    opened.set_result((c, exp, parent))
+    return opened
+
+
+AUCS = [0.60, 0.58, 0.65, 0.66]
+
+
+def _report(runs, trial: _Trial, epochs, max_epochs: int = len(AUCS)) -> None:
+    for epoch in epochs:
+        auc = AUCS[epoch - 1]
+        result = {"epoch": epoch, "val_auc": auc, "val_logloss": 0.6, "train_loss": 0.5,
+                  "best_val_auc": max(AUCS[:epoch]), "model_bytes": 1234, "final": epoch == max_epochs,
+                  "ended": "max_epochs" if epoch == max_epochs else "", "node": "10.0.0.1", "device": "cpu"}
+        trial.last_result = result
+        runs.on_trial_result(0, [], trial, result)
+
+
+def _history(c, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))]
+
+
+def test_a_retried_trial_logs_each_epoch_once(tracking_uri, tmp_path):
+    # Ray retries a failed trial (--max-failures) from its last checkpoint, by default at most one per 30 s: the
+    # retry reports again the epochs after it, and MLflow got each of them twice (val_auc steps 1, 2, 1, 2, 3, 4)
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, _, parent = opened.result()
+    runs = tracking.TrialRuns(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    trial = _Trial("t1", {"dim.a": 4})
+    runs.on_trial_start(0, [], trial)
+    _report(runs, trial, [1, 2])
+    runs.flush()
+    trial.error_file = str(tmp_path / "error.txt")
+    (tmp_path / "error.txt").write_text("Traceback...\nRuntimeError: worker lost\n")
+    runs.on_trial_recover(0, [], trial)
+    _report(runs, trial, [1, 2, 3, 4])  # no checkpoint yet: the retry starts over
+    runs.on_trial_complete(0, [], trial)
+    runs.close()
+
+    (run,) = tracking.child_runs(c, opened.result()[1], parent)
+    assert run.info.status == "FINISHED" and run.data.tags["retries"] == "1"
+    assert run.data.tags["outcome"] == "completed" and run.data.tags["epochs_trained"] == "4"
+    for key in ("val_auc", "val_logloss", "train_loss"):
+        assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
+    assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
+    assert runs.errors == []
+
+
+def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tracking_uri):
+    # the restored callback forgot what the run had been given: a continued trial logged model_bytes a second time
+    # (steps 1 and 3) and best_val_auc again though it had not improved
+    import pickle
+
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    first = tracking.TrialRuns(tracking_uri, opened)
+    first.GATHER_S = 0.05
+    saved = pickle.dumps(first)  # Ray pickles the callbacks when the Tuner is built (tuner.pkl)
+    trial = _Trial("t1", {"dim.a": 4})
+    first.on_trial_start(0, [], trial)
+    _report(first, trial, [1, 2])
+    first.close()  # Ctrl-C: the runner closes the writer, then the runs left open
+    assert tracking.close_interrupted(c, exp, parent) == 1
+
+    runs = pickle.loads(saved)  # Tuner.restore
+    runs.rewire(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    trial = _Trial("t1", {"dim.a": 4})
+    runs.on_trial_start(0, [], trial)
+    _report(runs, trial, [1, 2, 3, 4])  # from its start: no checkpoint was saved before the interruption
+    runs.on_trial_complete(0, [], trial)
+    runs.close()
+
+    (run,) = tracking.child_runs(c, exp, parent)
+    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
+    assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
+    assert _history(c, run.info.run_id, "model_bytes") == [(1, 1234.0)]
+    assert _history(c, run.info.run_id, "best_val_auc") == [(1, 0.60), (3, 0.65), (4, 0.66)]
+
+
+class _FlakyClient:
+    """A real MlflowClient whose first ``failures`` metric writes fail, as a tracking server's hiccup would."""
+
+    def __init__(self, client, failures: int):
+        self._client, self.failures = client, failures
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        if metrics and self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("503 Service Unavailable")
+        return self._client.log_batch(run_id, metrics=metrics, **kwargs)
+
+
+def test_a_failed_metric_write_does_not_lose_model_bytes_or_other_runs_epochs(tracking_uri):
+    # the writer marked model_bytes and the best AUC as sent before the write: one failed batch (the first epoch)
+    # left the run without model_bytes for good, which `embsize report` read as a 0-byte model; and one run's failed
+    # write dropped the epochs of every other run in the same batch
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    runs = tracking.TrialRuns(tracking_uri, opened)
+    runs._client = _FlakyClient(c, failures=1)
+    runs.experiment_id, runs.parent_run_id = exp, parent
+    runs.GATHER_S = 0.5
+    a, b = _Trial("a", {"dim.a": 4}), _Trial("b", {"dim.a": 8})
+    for t in (a, b):
+        runs.on_trial_start(0, [], t)
+    runs.flush()
+    _report(runs, a, [1])
+    _report(runs, b, [1])  # one gathered batch: a's write fails, b's goes through
+    runs.flush()
+    for t in (a, b):
+        _report(runs, t, [2, 3, 4])
+        runs.on_trial_complete(0, [], t)
+    runs.close()
+
+    assert runs.errors == ["503 Service Unavailable"]
+    by_trial = {r.data.tags["trial_id"]: r for r in tracking.child_runs(c, exp, parent)}
+    a_run, b_run = by_trial["a"], by_trial["b"]
+    assert [s for s, _ in _history(c, a_run.info.run_id, "val_auc")] == [2, 3, 4]  # epoch 1's write was lost
+    assert [s for s, _ in _history(c, b_run.info.run_id, "val_auc")] == [1, 2, 3, 4]
+    for run in (a_run, b_run):
+        assert run.data.metrics["model_bytes"] == 1234 and len(_history(c, run.info.run_id, "model_bytes")) == 1
+        assert run.data.metrics["best_val_auc"] == max(AUCS)
+    assert a_run.data.tags["node"] == "10.0.0.1"  # the placement tags of the lost batch came with the next one
