@@ -423,7 +423,9 @@ class TrialRuns(Callback):
 
         run_id = self._run_for(trial_id, config)
         outcome = trial_outcome(result, error)
-        tags = {"outcome": outcome, "epochs_trained": str(int(result.get("epoch", 0)))}
+        # on_front / recommended: 'false' until the search's end marks the front and the pick (runner._log_parent)
+        tags = {"outcome": outcome, "epochs_trained": str(int(result.get("epoch", 0))), "on_front": "false",
+                "recommended": "false"}
         if outcome == "completed":
             tags["ended"] = str(result.get("ended", ""))
         if error:

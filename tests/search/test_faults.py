@@ -337,8 +337,13 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "trials.csv")
     assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
-    _, parents, _ = _runs(uri, "stopped")
+    _, parents, children = _runs(uri, "stopped")
     assert [r.info.status for r in parents] == ["FINISHED"]
+    table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "front.csv")
+    front = set(table.loc[table["on_front"], "trial_id"])
+    assert {r.data.tags["trial_id"] for r in children if r.data.tags["on_front"] == "true"} == front
+    assert [r.data.tags["trial_id"] for r in children if r.data.tags["recommended"] == "true"] == [
+        parents[0].data.tags["recommended_trial"]]
 
 
 # --- a lost worker node (slow) ---------------------------------------------------------------------------------------
