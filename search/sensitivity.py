@@ -10,7 +10,8 @@ every completed trial and, seeded, gives the same answer every time.
 Each searched parameter gets: its importance (share of the AUC variance it explains, summing to 1), the Spearman
 correlation of its value with AUC (sign: does a larger dim help?), the range of its values on the front and in the
 recommendation, and a verdict. A dim is "can shrink" when its importance is below half of an even share
-(0.5 / number of searched parameters): it explains less of the AUC than a parameter chosen at random would.
+(0.5 / number of searched parameters): it explains less of the AUC than a parameter chosen at random would. A
+training knob (lr, hidden, dropout) below that share is "little effect" instead.
 """
 from __future__ import annotations
 
@@ -107,7 +108,9 @@ def sensitivity_table(study, records: list[dict], recommended: dict | None = Non
             "front_min": _front_value(front, param, min),
             "front_max": _front_value(front, param, max),
             "recommended": _value(recommended, param) if recommended else math.nan,
-            "verdict": "matters" if value >= SHRINK_SHARE * share else "can shrink",
+            # a training knob (lr, hidden, dropout) that explains little has no size to shrink
+            "verdict": "matters" if value >= SHRINK_SHARE * share else (
+                "can shrink" if param.startswith(DIM_PREFIX) else "little effect"),
         }
         rows.append(row)
     frame = pd.DataFrame(rows)

@@ -72,3 +72,20 @@ def test_sensitivity_refuses_too_few_trials():
             values=[0.6 + i / 10, 1.0]))
     with pytest.raises(ValueError, match="at least 4 completed searched trials, but the search has 3"):
         importances(s)
+
+
+def test_a_knob_that_explains_little_is_little_effect_not_can_shrink():
+    # the AUC follows dim.a (and dim.b, barely); lr is scattered: the dim below an even share "can shrink", lr
+    # cannot shrink, it has "little effect"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = optuna.create_study(directions=["maximize", "minimize"])
+    dists = {"dim.a": optuna.distributions.IntDistribution(1, 32), "dim.b": optuna.distributions.IntDistribution(1, 32),
+             "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)}
+    for i in range(24):
+        a, b, lr = 1 + (i * 7) % 32, 1 + (i * 11) % 32, 1e-3 * 10 ** (((i * 5) % 24) / 24)
+        s.add_trial(optuna.trial.create_trial(params={"dim.a": a, "dim.b": b, "lr": lr}, distributions=dists,
+                                              values=[0.6 + a / 100 + b / 10_000, float(a + b)]))
+    table = sensitivity_table(s, [], None).set_index("param")
+    assert table.loc["dim.a", "verdict"] == "matters"
+    assert table.loc["dim.b", "verdict"] == "can shrink"
+    assert table.loc["lr", "verdict"] == "little effect"
