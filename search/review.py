@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from pipelines.dataset import FeatureInfo
-from pipelines.memory import embedding_bytes
+from pipelines.memory import embedding_bytes, model_bytes
 from pipelines.model import ModelConfig
 
 from .recommend import conclude
@@ -169,7 +169,9 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict:
         "heuristic": tags.get("heuristic", ""),
         "outcome": outcome,
         "best_val_auc": float(metrics.get("best_val_auc", math.nan)),
-        "model_bytes": int(metrics.get("model_bytes", 0)),
+        # exact from the config (as the trial computed it) when the run lacks the metric: a write that never landed
+        "model_bytes": int(metrics["model_bytes"]) if "model_bytes" in metrics else model_bytes(
+            features, dims, hidden_layers(config["hidden"]) if "hidden" in config else fixed.hidden),
         "embedding_bytes": int(sum(embedding_bytes(features, dims).values())),
         "epochs": int(tags.get("epochs_trained", metrics.get("epochs_trained", 0))),
         "ended": tags.get("ended", ""),

@@ -76,6 +76,20 @@ def test_review_reproduces_the_runners_records(searched, reviewed):
     assert reviewed.reference == result.reference
 
 
+def test_a_trial_run_whose_model_bytes_never_landed_gets_them_from_its_config(searched, reviewed):
+    from search import review
+
+    result, uri, _, _ = searched
+    c = MlflowClient(uri)
+    children = _children(uri, result.parent_run_id)
+    recipe = review._recipe(c, result.parent_run_id)
+    fixed = review._fixed(c, result.parent_run_id, recipe, children)
+    for run in children:
+        want = run.data.metrics["model_bytes"]
+        del run.data.metrics["model_bytes"]  # as if the write of its first epoch failed for good
+        assert review._record(run, recipe.features, fixed)["model_bytes"] == want  # exact, not 0
+
+
 def test_report_cli_prints_the_numbers_and_uploads_the_folder(searched, reviewed, tmp_path, capsys):
     result, uri, _, _ = searched
     out = tmp_path / "report"
