@@ -138,6 +138,9 @@ def check_ray_address(address: str | None, timeout: float = TIMEOUT) -> None:
         found = address[len("ray://"):] if address.startswith("ray://") else address
         where = f"Ray cluster at '{address}'"
     host, _, port = found.rpartition(":")
+    if "://" in found:  # http://HEAD:8265 is the dashboard's address, which `ray job submit` takes
+        raise ValueError(f"Ray address '{address}' is not HOST:PORT, ray://HOST:PORT or auto (a URL such as "
+                         "http://HEAD:8265 is the dashboard's, for `ray job submit`); fix --address")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"Ray address '{address}' is not HOST:PORT, ray://HOST:PORT or auto; fix --address")
     _within(timeout, lambda: _connect(host.strip("[]"), int(port), timeout), where,

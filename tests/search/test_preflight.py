@@ -259,7 +259,8 @@ def test_check_ray_address_refused_names_address_and_fix():
     assert "ray start --head" in str(e.value) and "--address" in str(e.value)
 
 
-@pytest.mark.parametrize("address", ["nohost", "host:port", "host:0", "host:70000", ":6379"])
+@pytest.mark.parametrize("address", ["nohost", "host:port", "host:0", "host:70000", ":6379", "http://127.0.0.1:8265",
+                                     "https://head:8265"])
 def test_check_ray_address_malformed(address):
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         check_ray_address(address)
