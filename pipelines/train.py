@@ -48,6 +48,8 @@ class TrainConfig:
             raise ValueError(f"lr is {self.lr}, but must be > 0")
         if self.patience < 0:
             raise ValueError(f"patience is {self.patience}, but must be >= 0")
+        if self.threads is not None and self.threads < 1:  # torch.set_num_threads raises a bare RuntimeError
+            raise ValueError(f"threads is {self.threads}, but must be >= 1")
 
 
 @dataclass

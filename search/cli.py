@@ -108,11 +108,25 @@ def _load(args) -> tuple[object, dict]:
     return data, info
 
 
+def _check_train_flags(args) -> None:
+    """Training flags, named as the user typed them, before the config or the data is read (TrainConfig's own checks
+    come after the data load and name its fields; a bad --threads reached torch and ended in a traceback)."""
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--patience", args.patience, 0), ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} is {value}, but must be >= {low}")
+    if not args.lr > 0:  # NaN too
+        raise UsageError(f"--lr is {args.lr}, but must be > 0")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout is {args.dropout}, but must be in [0, 1)")
+
+
 def cmd_train(args) -> int:
     from pipelines import ModelConfig, TrainConfig, evaluate, model_bytes, train
     from pipelines.memory import check_fits, embedding_bytes
     from pipelines.train import SplitTensors
 
+    _check_train_flags(args)
     if args.config:
         from .production import train_recipe
 

@@ -138,10 +138,54 @@ def check_ray_address(address: str | None, timeout: float = TIMEOUT) -> None:
         found = address[len("ray://"):] if address.startswith("ray://") else address
         where = f"Ray cluster at '{address}'"
     host, _, port = found.rpartition(":")
+    if "://" in found:  # http://HEAD:8265 is the dashboard's address, which `ray job submit` takes
+        raise ValueError(f"Ray address '{address}' is not HOST:PORT, ray://HOST:PORT or auto (a URL such as "
+                         "http://HEAD:8265 is the dashboard's, for `ray job submit`); fix --address")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"Ray address '{address}' is not HOST:PORT, ray://HOST:PORT or auto; fix --address")
     _within(timeout, lambda: _connect(host.strip("[]"), int(port), timeout), where,
             "start it (`ray start --head --port PORT`) or fix --address")
+    if not address.startswith("ray://"):  # a Ray client server speaks its own protocol; ray.init checks it
+        _gcs_admits(found, where, timeout + GCS_IMPORT_S)
+
+
+GCS_IMPORT_S = 10.0  # added to the GCS probe's bound: a fresh Python importing Ray's native module on a loaded machine
+_GCS_PROBE = """
+import sys
+from ray._raylet import GcsClient  # Ray's client of a head's GCS; ray.init offers no bounded way to ask
+try:
+    GcsClient(address=sys.argv[1]).cluster_id
+except Exception as e:
+    print(type(e).__name__ + ": " + (str(e).splitlines() or [""])[0])
+    sys.exit(1)
+"""
+
+
+def _gcs_admits(address: str, where: str, timeout: float) -> None:
+    """The port is a Ray head's GCS and lets this process in. Asked from a child process, killed after ``timeout``:
+    ray.init retries a port that is not a GCS (the dashboard's, 8265) for minutes, and a cluster with token
+    authentication it cannot join for ~20 s of C++ warnings before a traceback."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{where} answers, but not as a Ray head's GCS within {timeout:g} s; give --address the "
+                         "port of `ray start --head --port PORT` (6379 by default; the dashboard's 8265 is for "
+                         "`ray job submit`)") from None
+    if done.returncode == 0:
+        return
+    reason = done.stdout.strip() or (done.stderr.strip().splitlines() or ["no output"])[-1]
+    if reason.startswith("AuthenticationError") or "InvalidAuthToken" in reason:
+        raise ValueError(f"{where} refuses this client: it uses token authentication, and "
+                         + ("the token here is not the head's" if os.environ.get("RAY_AUTH_MODE") == "token"
+                            else "RAY_AUTH_MODE is not 'token' here")
+                         + "; export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the head's `ray get-auth-token`> "
+                           "(or put it in ~/.ray/auth_token)")
+    raise ValueError(f"{where} answers, but not as a Ray head's GCS ({reason.rstrip('.')}); give --address the port "
+                     "of `ray start --head --port PORT`")
 
 
 def _check_store_path(path: Path, uri: str) -> None:

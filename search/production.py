@@ -209,6 +209,24 @@ def log_final(
     }
 
 
+# flags of `embsize train` that the config fixes; given with --config they were silently ignored
+MODEL_FLAGS = {"default_dim": "--default-dim", "hidden": "--hidden", "dropout": "--dropout", "epochs": "--epochs",
+               "patience": "--patience", "lr": "--lr", "batch_size": "--batch-size", "sparse": "--sparse"}
+
+
+def _refuse_model_flags(args) -> None:
+    """A model or training flag that differs from its default conflicts with --config: the config's dims and
+    hyperparameters, and the recommended trial's best epoch count, are what it trains."""
+    from .cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = [flag for name, flag in MODEL_FLAGS.items() if getattr(args, name) != defaults[name]]
+    if given:
+        raise ValueError(f"{', '.join(given)} conflict{'s' if len(given) == 1 else ''} with --config (the config fixes "
+                         "the model and its training: the searched hyperparameters, for the recommended trial's best "
+                         "epoch count); drop them, or train without --config")
+
+
 def train_recipe(args) -> int:
     """`embsize train --config FILE`: the CLI's side (prints; errors are ValueError -> one line, exit 2)."""
     from pipelines import prepare
@@ -222,6 +240,7 @@ def train_recipe(args) -> int:
     check_fits(recipe.features, recipe.model.dims, recipe.model.hidden)  # in a moment, not after the data loads
     if args.dims:
         raise ValueError("--dims conflicts with --config (the config fixes the dims); drop one of them")
+    _refuse_model_flags(args)
     if args.register is not None and not args.register.strip():
         raise ValueError("--register got an empty name; give the registered model a name, e.g. --register recsys")
     if args.register is not None:

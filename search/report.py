@@ -135,6 +135,18 @@ def report_text(result, sensitivity: pd.DataFrame | None = None, sensitivity_sou
     return "\n".join(lines)
 
 
+TITLE_CHARS = 100  # a line of a 9-point title across the 7.5-inch learning-curves figure
+
+
+def curves_title(name: str, features: list[str]) -> str:
+    """The learning curves' title, wrapped between features: on one line, eight MovieLens features ran past the
+    figure's edge and were cut off."""
+    import textwrap
+
+    return textwrap.fill(f"{name}: learning curves of the Pareto front (dims of {' / '.join(features)})",
+                         width=TITLE_CHARS, break_long_words=False, break_on_hyphens=False)
+
+
 def plot_learning_curves(result, histories: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     """Per-epoch validation AUC of the front's trials (``histories``: trial id -> (epoch, AUC) pairs)."""
     import matplotlib
@@ -155,8 +167,7 @@ def plot_learning_curves(result, histories: dict[str, list[tuple[int, float]]], 
                 label=f"{label} ({r['model_bytes']:,} B; dims {dims})" + (" - recommended" if r["trial_id"] == picked else ""))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation AUC")
-    ax.set_title(f"{result.name}: learning curves of the Pareto front (dims of {'/'.join(result.recommended['dims'])})",
-                 fontsize=9)
+    ax.set_title(curves_title(result.name, list(result.recommended["dims"])), fontsize=9)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="lower right")

@@ -128,6 +128,8 @@ def test_train_runs_on_cuda(data):
     ({"lr": 0.0}, "lr is 0.0, but must be > 0"),
     ({"batch_size": 0}, "batch_size is 0, but must be >= 1"),
     ({"patience": -1}, "patience is -1, but must be >= 0"),
+    ({"threads": 0}, "threads is 0, but must be >= 1"),
+    ({"threads": -2}, "threads is -2, but must be >= 1"),
 ])
 def test_train_config_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

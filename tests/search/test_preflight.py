@@ -1,6 +1,7 @@
 """Fail-fast checks of the tracking store and the Ray address, against real sockets and HTTP servers."""
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -173,9 +174,76 @@ def test_check_tracking_database_store_is_connected_to():
         check_tracking(f"postgresql://u:pw@127.0.0.1:{free_port()}/db", timeout=2)
 
 
-def test_check_ray_address_accepts_a_listening_port(silent_server):
-    check_ray_address(f"127.0.0.1:{silent_server}", timeout=2)
-    check_ray_address(f"ray://127.0.0.1:{silent_server}", timeout=2)
+def test_check_ray_address_accepts_a_listening_ray_client_port(silent_server):
+    check_ray_address(f"ray://127.0.0.1:{silent_server}", timeout=2)  # Ray client's own protocol: ray.init checks it
+
+
+@pytest.mark.parametrize("server", ["silent", "http"])
+def test_check_ray_address_refuses_a_port_that_is_not_a_gcs(server, silent_server, http_server, monkeypatch):
+    """A port that answers TCP but is no Ray head's GCS (the dashboard's 8265, an HTTP server) is refused within
+    the probe's bound, naming the address and the port to give; ray.init retried it for minutes."""
+    import search.preflight
+
+    monkeypatch.setattr(search.preflight, "GCS_IMPORT_S", 3.0)
+    port = silent_server if server == "silent" else int(http_server(200).rsplit(":", 1)[1])
+    started = time.monotonic()
+    with pytest.raises(ValueError) as e:
+        check_ray_address(f"127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - started < 15
+    assert f"Ray cluster at '127.0.0.1:{port}' answers, but not as a Ray head's GCS" in str(e.value)
+    assert "ray start --head --port PORT" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def token_head():
+    """A real Ray head with token authentication (its own random token, never ~/.ray's)."""
+    from .local_cluster import LocalCluster
+
+    with LocalCluster("es-pf-") as cl:
+        yield cl.head(), cl.env["RAY_AUTH_TOKEN"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, token, reason", [
+    ("token", "head", None),
+    (None, None, "RAY_AUTH_MODE is not 'token' here"),
+    ("token", "0" * 32, "the token here is not the head's"),
+])
+def test_check_ray_address_asks_the_gcs_whether_this_client_may_join(token_head, monkeypatch, mode, token, reason):
+    address, head_token = token_head
+    for name, value in (("RAY_AUTH_MODE", mode), ("RAY_AUTH_TOKEN", head_token if token == "head" else token)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    if reason is None:
+        check_ray_address(address)
+        return
+    with pytest.raises(ValueError) as e:
+        check_ray_address(address)
+    assert f"Ray cluster at '{address}' refuses this client: it uses token authentication, and {reason}" in str(e.value)
+    assert "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=" in str(e.value)
+
+
+@pytest.mark.slow
+def test_search_without_the_clusters_token_is_one_line_and_writes_nothing(token_head, tmp_path):
+    """The CLI: refused before the data load in one line, exit 2 (was ~20 s of Ray's C++ warnings, then a traceback
+    and exit 1)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    address, _ = token_head
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    done = subprocess.run([str(Path(sys.executable).parent / "embsize"), "search", "--address", address, "--rows",
+                           "2000", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"embsize: error: Ray cluster at '{address}' refuses this client: it uses token authentication, and "
+        "RAY_AUTH_MODE is not 'token' here; export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the head's "
+        "`ray get-auth-token`> (or put it in ~/.ray/auth_token)"]
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("address", [None, "local"])
@@ -191,7 +259,8 @@ def test_check_ray_address_refused_names_address_and_fix():
     assert "ray start --head" in str(e.value) and "--address" in str(e.value)
 
 
-@pytest.mark.parametrize("address", ["nohost", "host:port", "host:0", "host:70000", ":6379"])
+@pytest.mark.parametrize("address", ["nohost", "host:port", "host:0", "host:70000", ":6379", "http://127.0.0.1:8265",
+                                     "https://head:8265"])
 def test_check_ray_address_malformed(address):
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         check_ray_address(address)

@@ -246,6 +246,9 @@ def test_cli_train_config_refuses_bad_input_with_one_line(tmp_path, capsys):
         (["--tracking-uri", f"http://127.0.0.1:{free_port()}"], "does not answer"),
         (["--tracking-uri", "bogus://x"], "has scheme 'bogus'"),
         (["--export", "/proc/embsize-export"], "--export directory '/proc/embsize-export' is not writable"),
+        # the config fixes the model and its training: these were silently ignored
+        (["--epochs", "2"], "--epochs conflicts with --config"),
+        (["--lr", "0.1", "--hidden", "8", "--sparse"], "--hidden, --lr, --sparse conflict with --config"),
     ):
         before = sorted(p.name for p in tmp_path.iterdir())
         started = time.perf_counter()

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from search.cli import main
 from search.pareto import hypervolume, non_dominated
 from search.recommend import recommend
-from search.report import report_text, write_report
+from search.report import TITLE_CHARS, curves_title, report_text, write_report
 from search.review import find_parent, load_review, metric_histories
 from search.sensitivity import journal_study, sensitivity
 
@@ -121,6 +121,15 @@ def test_report_learning_curves_are_the_mlflow_histories(searched, reviewed):
         assert steps == list(range(1, r["epochs"] + 1))
         assert max(v for _, v in histories[r["trial_id"]]) == pytest.approx(r["best_val_auc"])
         assert len(c.get_metric_history(r["run_id"], "val_auc")) == len(steps)
+
+
+def test_report_learning_curves_title_wraps_between_features_within_the_figure():
+    features = ["user_id", "item_id", "age", "gender", "occupation", "zip", "genres", "release_year"]  # MovieLens
+    title = curves_title("movielens-20261202-170736", features)
+    lines = title.splitlines()
+    assert len(lines) >= 2 and all(len(line) <= TITLE_CHARS for line in lines)
+    assert " / ".join(features) in " ".join(lines)  # every feature, whole and in order
+    assert curves_title("s", ["a", "b"]) == "s: learning curves of the Pareto front (dims of a / b)"
 
 
 class _Links(HTMLParser):
