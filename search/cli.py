@@ -490,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help()
             return 2
+        from .runner import terminate_as_interrupt
+
+        terminate_as_interrupt()
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -279,17 +279,18 @@ def _connect(settings: SearchSettings, uri: str) -> None:
         )
     check_cluster(uri, settings.storage, settings.storage_path is not None, settings.cpus_per_trial,
                   settings.gpus_per_trial, can_grow=settings.address is not None)
-    _terminate_as_interrupt()
+    terminate_as_interrupt()
 
 
 _TERMINATED: list[int] = []  # SIGTERMs this process took as a Ctrl-C (the CLI exits 143 for them, not 130)
 
 
-def _terminate_as_interrupt() -> None:
-    """Take SIGTERM (`kill`, `docker stop`, a job manager's stop) as Ctrl-C: Tune saves the experiment state, the
-    running trials' MLflow runs are closed, and the CLI prints the resume command. Set after ``ray.init``, whose core
-    worker installs a SIGTERM handler of its own that aborts the driver with a C++ stack dump and leaves the parent
-    run RUNNING. SIGINT's current handler is Tune's during ``Tuner.fit`` (a second signal skips its last save) and
+def terminate_as_interrupt() -> None:
+    """Take SIGTERM (`kill`, `docker stop`, a job manager's stop, `timeout`) as Ctrl-C: in a search, Tune saves the
+    experiment state, the running trials' MLflow runs are closed, and the CLI prints the resume command; in `embsize
+    train`, MLflow's run context closes the run KILLED. Set by the CLI at its start and again after ``ray.init``, whose
+    core worker installs a SIGTERM handler of its own that aborts the driver with a C++ stack dump and leaves the
+    parent run RUNNING. SIGINT's current handler is Tune's during ``Tuner.fit`` (a second signal skips its last save) and
     Python's KeyboardInterrupt otherwise."""
     import signal
     import threading

@@ -234,3 +234,31 @@ def test_cli_a_dated_name_taken_at_the_last_moment_moves_on(tmp_path, monkeypatc
     calls.clear()  # with --name the user chose the name: no other is tried, and the search must not be fresh
     assert cli.main(["search", "--rows", "500", "--trials", "1", "--name", "mine"]) == 2
     assert calls == [("mine", "mine", False)]
+
+
+def test_sigterm_is_taken_as_ctrl_c_so_an_open_mlflow_run_is_closed(tmp_path, capsys):
+    # `kill`, `timeout` and `docker stop` send SIGTERM, whose default ends the process on the spot: `embsize train
+    # --config` left its MLflow run RUNNING. The CLI takes it as Ctrl-C, which unwinds through MLflow's run context.
+    import signal
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from search import runner
+
+    previous, uri = signal.getsignal(signal.SIGTERM), mlflow.get_tracking_uri()
+    try:
+        assert main(["report", "no-such-search", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+        assert signal.getsignal(signal.SIGTERM) is not previous  # installed by the CLI before the command runs
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+        with pytest.raises(KeyboardInterrupt):
+            with mlflow.start_run() as run:
+                signal.raise_signal(signal.SIGTERM)
+                time.sleep(5)  # Python runs the handler between bytecodes: the sleep is interrupted at once
+        assert MlflowClient().get_run(run.info.run_id).info.status in ("KILLED", "FAILED")  # not RUNNING
+        assert runner.terminated()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        mlflow.set_tracking_uri(uri)
+        runner._TERMINATED.clear()
