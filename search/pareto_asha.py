@@ -88,7 +88,7 @@ def outrun(auc: float, nbytes: float, t: int, finished: list[tuple[float, float,
 
     ``finished``: (final best AUC, model bytes, best AUC per epoch) of trials trained to their end. Gains are read
     from trials that trained past ``t``; with fewer than ``min_finished`` of them nothing is outrun."""
-    gains = [final - curve[t - 1] for final, _, curve in finished if len(curve) > t]
+    gains = [final - curve[t - 1] for final, _, curve in finished if len(curve) > t and math.isfinite(curve[t - 1])]
     if len(gains) < min_finished:
         return False
     reach = auc + float(np.quantile(gains, quantile))
@@ -167,6 +167,7 @@ class ParetoASHA(FIFOScheduler):
         t = result[self._time_attr]
         curve = self._curves.setdefault(trial.trial_id, [])
         del curve[int(t) - 1:]  # a trial resumed from an earlier checkpoint reports those epochs again
+        curve.extend([math.nan] * (int(t) - 1 - len(curve)))  # epochs this scheduler did not see (a restored search)
         curve.append(-point[0])
         if t >= self._max_t:
             action = TrialScheduler.CONTINUE if protected else TrialScheduler.STOP

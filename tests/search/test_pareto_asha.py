@@ -178,6 +178,8 @@ def test_outrun_projects_by_the_quantile_of_finished_gains():
     assert not outrun(0.75, 2_000, 1, finished, 0.0)  # 0.75 + 0.02 = 0.77 beats them all
     assert not outrun(0.60, 2_000, 1, finished[:2], 0.5)  # two finished trials are too few to project from
     assert not outrun(0.60, 2_000, 3, finished, 0.5)  # none trained past epoch 3: no gains to read
+    unseen = [(a, b, [math.nan, *c[1:]]) for a, b, c in finished]  # epoch 1 not seen (a restored search)
+    assert not outrun(0.60, 2_000, 1, unseen, 0.5) and outrun(0.68, 2_000, 2, unseen, 0.5)
 
 
 # finished trials, each on the rung fronts as it goes: the cheapest learns slowest (gains after epoch 1: 0.10, 0.04,
