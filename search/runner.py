@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -230,10 +231,13 @@ def run_search(
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                     ),
                 )
+            sigint = _sigint_handler()
             try:
                 grid = tuner.fit()
             finally:
                 runs.close()
+                if sigint is not None:  # Tune leaves its Ctrl-C handler set after fit: a Ctrl-C (or SIGTERM) while
+                    signal.signal(signal.SIGINT, sigint)  # the front is concluded would set a dead flag, and be lost
             c, exp_id, parent_id = opened.result()
             if runs.unfinished or len(grid) < settings.trials + len(heuristics):  # Ray stops early on Ctrl-C / SIGUSR1
                 raise SearchInterrupted(
@@ -285,6 +289,13 @@ def _connect(settings: SearchSettings, uri: str) -> None:
 _TERMINATED: list[int] = []  # SIGTERMs this process took as a Ctrl-C (the CLI exits 143 for them, not 130)
 
 
+def _sigint_handler():
+    """SIGINT's handler now, to set back after ``Tuner.fit``; None off the main thread (nothing to set back)."""
+    import threading
+
+    return signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+
+
 def terminate_as_interrupt() -> None:
     """Take SIGTERM (`kill`, `docker stop`, a job manager's stop, `timeout`) as Ctrl-C: in a search, Tune saves the
     experiment state, the running trials' MLflow runs are closed, and the CLI prints the resume command; in `embsize
@@ -292,7 +303,6 @@ def terminate_as_interrupt() -> None:
     core worker installs a SIGTERM handler of its own that aborts the driver with a C++ stack dump and leaves the
     parent run RUNNING. SIGINT's current handler is Tune's during ``Tuner.fit`` (a second signal skips its last save) and
     Python's KeyboardInterrupt otherwise."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():

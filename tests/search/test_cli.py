@@ -248,17 +248,20 @@ def test_sigterm_is_taken_as_ctrl_c_so_an_open_mlflow_run_is_closed(tmp_path, ca
     from search import runner
 
     previous, uri = signal.getsignal(signal.SIGTERM), mlflow.get_tracking_uri()
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh `embsize` process
     try:
         assert main(["report", "no-such-search", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
         assert signal.getsignal(signal.SIGTERM) is not previous  # installed by the CLI before the command runs
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+        exp_id = MlflowClient().create_experiment("sigterm")  # explicit: the fluent API keeps an earlier test's
         with pytest.raises(KeyboardInterrupt):
-            with mlflow.start_run() as run:
+            with mlflow.start_run(experiment_id=exp_id) as run:
                 signal.raise_signal(signal.SIGTERM)
                 time.sleep(5)  # Python runs the handler between bytecodes: the sleep is interrupted at once
         assert MlflowClient().get_run(run.info.run_id).info.status in ("KILLED", "FAILED")  # not RUNNING
         assert runner.terminated()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, sigint)
         mlflow.set_tracking_uri(uri)
         runner._TERMINATED.clear()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 
 import numpy as np
 import optuna
@@ -129,7 +130,10 @@ def test_search_memory_budget_is_never_exceeded(data, ray_session, tmp_path):
     budget = (space.min_bytes() + space.max_bytes()) // 6
     settings = SearchSettings(name="b", trials=6, max_epochs=2, memory_budget=budget, rule="budget",
                               tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_dir=str(tmp_path / "out"))
+    before = signal.getsignal(signal.SIGINT)
     result = run_search(data, space, settings)
+    # Tune's Ctrl-C handler is not left behind: a Ctrl-C after the trials (while the front is concluded) still stops
+    assert signal.getsignal(signal.SIGINT) is before
     trained = [r for r in result.trials if r["epochs"] > 0]
     assert len([r for r in trained if not r["heuristic"]]) == 6
     assert all(r["model_bytes"] <= budget for r in trained)
