@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -289,11 +290,14 @@ def _connect(settings: SearchSettings, uri: str) -> None:
 _TERMINATED: list[int] = []  # SIGTERMs this process took as a Ctrl-C (the CLI exits 143 for them, not 130)
 
 
+def _on_main_thread() -> bool:
+    """Signal handlers can be set from the main thread only; off it, the embedding program owns them."""
+    return threading.current_thread() is threading.main_thread()
+
+
 def _sigint_handler():
     """SIGINT's handler now, to set back after ``Tuner.fit``; None off the main thread (nothing to set back)."""
-    import threading
-
-    return signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    return signal.getsignal(signal.SIGINT) if _on_main_thread() else None
 
 
 def terminate_as_interrupt() -> None:
@@ -303,10 +307,8 @@ def terminate_as_interrupt() -> None:
     core worker installs a SIGTERM handler of its own that aborts the driver with a C++ stack dump and leaves the
     parent run RUNNING. SIGINT's current handler is Tune's during ``Tuner.fit`` (a second signal skips its last save) and
     Python's KeyboardInterrupt otherwise."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can be set from the main thread only; the embedding program owns them
+    if not _on_main_thread():
+        return
 
     def interrupt(signum, frame):
         _TERMINATED.append(signum)

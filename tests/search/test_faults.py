@@ -108,6 +108,12 @@ def _env(ray_tmp: Path | None = None, **extra: str) -> dict:
     return env
 
 
+def _resume(cwd: Path, name: str, ray_tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`embsize search --resume NAME` in ``cwd``, its local Ray under ``ray_tmp``."""
+    return subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", name, *extra], cwd=cwd,
+                          env=_env(ray_tmp), capture_output=True, text=True, timeout=900)
+
+
 def _ray_tmp() -> Path:
     # Ray's unix socket paths must stay short: a private dir directly under /tmp, not pytest's deep tmp_path
     return Path(tempfile.mkdtemp(prefix="es-ft-", dir="/tmp"))
@@ -260,10 +266,7 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
 
         elsewhere = tmp_path / "elsewhere"  # the stored options hold resolved paths: resume from anywhere
         elsewhere.mkdir()
-        resumed = subprocess.run(
-            [sys.executable, "-m", "search.cli", "search", "--resume", "lid", "--output-dir",
-             str(tmp_path / "embsize-out")], cwd=elsewhere, env=_env(ray_tmp), capture_output=True, text=True,
-            timeout=900)
+        resumed = _resume(elsewhere, "lid", ray_tmp, "--output-dir", str(tmp_path / "embsize-out"))
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -329,8 +332,7 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
         _, parents, children = _runs(uri, "stopped")
         assert [r.info.status for r in parents] == ["KILLED"]
         assert "RUNNING" not in {r.info.status for r in children}
-        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", "stopped"], cwd=tmp_path,
-                                 env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+        resumed = _resume(tmp_path, "stopped", ray_tmp)
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -441,8 +443,7 @@ def test_driver_killed_before_rays_first_experiment_state_resumes_to_the_end(tmp
         if list(experiment.glob("experiment_state-*.json")):
             pytest.skip("Ray saved its experiment state before the kill landed (a slow poll); nothing to test")
         _stop_processes_under(ray_tmp)
-        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", "early"], cwd=tmp_path,
-                                 env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+        resumed = _resume(tmp_path, "early", ray_tmp)
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
