@@ -206,6 +206,26 @@ def test_pareto_asha_stops_a_trial_a_finished_one_outruns_where_the_rung_rule_ke
     assert f"outrun by a finished trial: {int(stops)}" in s.debug_string()
 
 
+@pytest.mark.parametrize("quantile, stops", [(0.5, True), (None, False)])
+def test_pareto_asha_tests_outrun_between_rungs(quantile, stops):
+    s = with_finished(outrun_quantile=quantile)  # rungs at epochs 1 and 3
+    (mid,) = added(s, "mid")
+    assert report(s, mid, 1, 0.73, 5_000) == CONTINUE  # 0.73 + median gain 0.04 after epoch 1 would beat 0.76
+    # epoch 2 is no rung; the finished trials gained 0.06, 0.02, 0.02 after it, so 0.731 + 0.02 ends below d0
+    assert report(s, mid, 2, 0.731, 5_000) == (STOP if stops else CONTINUE)
+
+
+def test_pareto_asha_tests_outrun_only_from_the_grace_period():
+    s = pareto(max_t=9, grace_period=2, reduction_factor=3, outrun_quantile=0.5)
+    for name, (size, curve) in FINISHED.items():
+        finish(s, *added(s, name), curve, size)
+    (slow,) = added(s, "slow")
+    assert report(s, slow, 1, 0.60, 5_000) == CONTINUE  # 0.60 + 0.04 ends below d0, but epoch 1 is not judged
+    # the rung at epoch 2: the best AUC recorded there keeps it on rank; + median gain 0.02 it ends below d0: outrun
+    assert report(s, slow, 2, 0.735, 5_000) == STOP
+    assert "outrun by a finished trial: 1" in s.debug_string()
+
+
 def test_pareto_asha_save_restore_keeps_finished_trials(tmp_path):
     s = with_finished(outrun_quantile=0.5)
     s.save(str(tmp_path / "sched.pkl"))
