@@ -123,7 +123,7 @@ def _check_train_flags(args) -> None:
 
 def cmd_train(args) -> int:
     from pipelines import ModelConfig, TrainConfig, evaluate, model_bytes, train
-    from pipelines.memory import check_fits, embedding_bytes
+    from pipelines.memory import check_fits, embedding_bytes, training_copies
     from pipelines.train import SplitTensors
 
     _check_train_flags(args)
@@ -143,7 +143,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"--default-dim is {args.default_dim}, but must be >= 1")
     dims = {f: dims.get(f, args.default_dim) for f in data.feature_names}
     model_cfg = ModelConfig(dims, parse_ints(args.hidden, "--hidden"), args.dropout)
-    check_fits(data.features, dims, model_cfg.hidden)  # before the summary is printed and the tables allocated
+    # before the summary is printed and the tables allocated
+    check_fits(data.features, dims, model_cfg.hidden, copies=training_copies(keep_best=True))
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
                       seed=args.seed, threads=args.threads, sparse=args.sparse)
     print(data.summary())
@@ -222,13 +223,15 @@ def cmd_search(args) -> int:
     spec = _spec_overrides(spec, args)
     data, info = _load(args)
     space = build_space(data.features, spec)
-    from pipelines.memory import available_bytes
+    from pipelines.memory import available_bytes, training_copies
 
     have = available_bytes() if address is None else None  # a cluster's nodes may have more than this machine
-    if have is not None and space.min_bytes() > have:  # every trial would fail in its allocator, after Ray started
+    need = space.min_bytes() * training_copies()  # a trial keeps no best-epoch copy
+    if have is not None and need > have:  # every trial would fail in its allocator, after Ray started
         raise UsageError(
-            f"the smallest model in the search space needs {space.min_bytes():,} bytes, more than the "
-            f"{have:,} this machine has available; lower the pinned or minimum dims (--spec, --min-dim)"
+            f"training the smallest model in the search space needs about {need:,} bytes ({space.min_bytes():,} "
+            f"of parameters, with gradients, Adam's moments and a checkpoint), more than the {have:,} this machine "
+            f"has available; lower the pinned or minimum dims (--spec, --min-dim)"
         )
     if budget is not None and space.min_bytes() > budget:
         raise UsageError(

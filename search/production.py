@@ -96,7 +96,8 @@ def fit_final(recipe: Recipe, data: EncodedDataset, epochs: int, epochs_from: st
 
     warning = check_data(recipe, data)
     cfg = replace(recipe.train, max_epochs=epochs, threads=threads)
-    result = train(recipe.model, cfg, data, device=device, train_on_val=True)
+    # keep_best=False: with the validation rows in training the last epoch is the model; no best-epoch copy to hold
+    result = train(recipe.model, cfg, data, device=device, train_on_val=True, keep_best=False)
     model = result.model
     test_auc, test_logloss = evaluate(model, SplitTensors(data.test, model, next(model.parameters()).device))
     metrics = {
@@ -230,14 +231,15 @@ def _refuse_model_flags(args) -> None:
 def train_recipe(args) -> int:
     """`embsize train --config FILE`: the CLI's side (prints; errors are ValueError -> one line, exit 2)."""
     from pipelines import prepare
-    from pipelines.memory import check_fits
+    from pipelines.memory import check_fits, training_copies
 
     from . import preflight, tracking
     from .cli import _raw
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step in the terminal
     recipe = Recipe.load(args.config)
-    check_fits(recipe.features, recipe.model.dims, recipe.model.hidden)  # in a moment, not after the data loads
+    # in a moment, not after the data loads
+    check_fits(recipe.features, recipe.model.dims, recipe.model.hidden, copies=training_copies())
     if args.dims:
         raise ValueError("--dims conflicts with --config (the config fixes the dims); drop one of them")
     _refuse_model_flags(args)

@@ -158,7 +158,7 @@ CASES = [
     (["search", *SMALL, "--tracking-uri", "sqlite://"], "is an in-memory SQLite store"),
     (["search", *SMALL, "--tracking-uri", "sqlite:///:memory:"], "is an in-memory SQLite store"),
     (["search", *SMALL, "--tracking-uri", "sqlite:////tmp/p%41/mlflow.db"], "holds '%', which a SQLite URI cannot"),
-    (["search", *SMALL, "--spec", "{huge_pin.yaml}"], "the smallest model in the search space needs"),
+    (["search", *SMALL, "--spec", "{huge_pin.yaml}"], "training the smallest model in the search space needs about"),
 ]
 
 
