@@ -71,7 +71,7 @@ class TrainResult:
     best_epoch: int
     best_val_auc: float
     best_val_logloss: float
-    ended: str  # "max_epochs" | "converged" (patience ran out) | "stopped" (on_epoch asked to stop)
+    ended: str  # "max_epochs" | "converged" (patience ran out) | "stopped" (on_epoch or should_stop asked to stop)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -302,6 +302,10 @@ def evaluate(model: EmbeddingRecommender, tensors: SplitTensors) -> tuple[float,
 Snapshot = Callable[[], dict]
 
 
+class _Stopped(Exception):
+    """``should_stop`` said so: out of an epoch's two loops at once."""
+
+
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -311,8 +315,11 @@ def train(
     resume: dict | None = None,
     train_on_val: bool = False,
     keep_best: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train one config; after each epoch call ``on_epoch(result, snapshot)``, which may return False to stop.
+    ``should_stop()``, asked before every batch, stops training at once when it returns True, leaving the epoch under
+    way unfinished (and out of the history): a caller whose answer to an epoch comes while the next one trains.
 
     ``snapshot()`` returns a copy of the state to checkpoint (model, optimizer, epoch, history, best, random
     generators); pass it back as ``resume`` to continue exactly as an uninterrupted run would. With ``train_on_val``
@@ -365,13 +372,19 @@ def train(
         t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(len(tr), generator=gen, dtype=torch.int32).to(dev)  # half the memory of int64
         loss = torch.zeros((), device=dev)
-        for labels, batches in tr.epoch(perm, cfg.batch_size):
-            for idx, bags, y, rows in batches:
-                bp.step(idx, bags, y, logits[rows])
-                opt.step()
-            # the chunk's loss from its logits as they were at each step: one op per chunk, not ten per step
-            chunk_logits = logits[: len(labels)].view(-1)
-            loss += nn.functional.binary_cross_entropy_with_logits(chunk_logits, labels, reduction="sum")
+        try:
+            for labels, batches in tr.epoch(perm, cfg.batch_size):
+                for idx, bags, y, rows in batches:
+                    if should_stop is not None and should_stop():
+                        raise _Stopped
+                    bp.step(idx, bags, y, logits[rows])
+                    opt.step()
+                # the chunk's loss from its logits as they were at each step: one op per chunk, not ten per step
+                chunk_logits = logits[: len(labels)].view(-1)
+                loss += nn.functional.binary_cross_entropy_with_logits(chunk_logits, labels, reduction="sum")
+        except _Stopped:
+            ended = "stopped"
+            break
         train_loss = float(loss) / len(tr) if len(tr) else 0.0  # the epoch's one host sync
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         if not math.isfinite(train_loss):

@@ -46,11 +46,14 @@ def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_
 
 
 def decision_epochs(scheduler: TrialScheduler, max_epochs: int) -> frozenset[int] | None:
-    """The epochs at which ``scheduler`` may stop a trial (``TrialSettings.decisions``), or None if at any epoch.
+    """The epochs at which ``scheduler`` decides on a trial (``TrialSettings.decisions``), or None if at any epoch.
 
     FIFO stops none. Both ASHAs decide once per trial and rung, at its first epoch at or past the rung's milestone, and
-    stop a trial at max_t; between rungs they always continue. Read from the scheduler's own rungs (for Ray's ASHA its
-    ``_Bracket._rungs``, which Ray does not expose), so the epochs cannot drift from the decisions."""
+    stop a trial at max_t; between rungs Ray's ASHA always continues. Pareto-ASHA's outrun test may also stop a trial
+    between rungs; such a stop finds the trial training its next epoch, which it leaves at the next batch
+    (``trial.run_trial``), so these stay the rungs: waiting at every epoch would put a report's round trip to the
+    driver (5-15 ms) in every epoch of every trial. Read from the scheduler's own rungs (for Ray's ASHA
+    its ``_Bracket._rungs``, which Ray does not expose), so the epochs cannot drift from the decisions."""
     if type(scheduler) is FIFOScheduler:
         return frozenset()
     if isinstance(scheduler, ParetoASHA):

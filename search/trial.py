@@ -14,9 +14,13 @@ again are reported again with the same values (the MLflow callback logs each epo
 
 Reporting: ``tune.report`` returns only when the driver has handled the result and asked for the next (Tune's
 function trainables report synchronously so a scheduler can stop a trial between two epochs), a round trip of 5-15 ms
-per epoch on a busy 2-core driver. Schedulers decide only at their rungs (``TrialSettings.decisions``), so at other
+per epoch on a busy 2-core driver. Schedulers decide mostly at their rungs (``TrialSettings.decisions``), so at other
 epochs the trial hands the result to a reporting thread (``_Reporter``) and trains on; at a rung, at its last epoch
-and on an error it waits for the answer. Results still reach Tune one by one and in order.
+and on an error it waits for the answer. Results still reach Tune one by one and in order. A stop between rungs
+(Pareto-ASHA's outrun test may stop a trial at any epoch) finds the trial training the next epoch, which it leaves at
+the next batch (``train``'s ``should_stop``): Ray reuses a stopped trial's actor only if its thread ends within
+``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s), less than an epoch on large data, and otherwise fails the trial it meant to
+run there.
 
 Fault injection is a testing hook, not a user option: ``EMBSIZE_FAULT_INJECT`` (read only here, in the trial's
 process; see ``parse_faults``) makes chosen trials raise, diverge to NaN, lose their worker process, or run slowly, so
@@ -56,8 +60,8 @@ class TrialSettings:
     seed: int = 0  # the same init/shuffle seed for every trial, so trials differ by config only
     cpus: float = 1  # torch threads follow the trial's CPU share
     sparse: bool = False  # sparse embedding gradients (large tables)
-    # epochs at which the scheduler may stop a trial (its rungs), where a trial waits for its report to be handled;
-    # None: it may stop one at any epoch (every report waits)
+    # epochs at which the scheduler decides on a trial (its rungs), where a trial waits for its report to be handled
+    # (a stop elsewhere interrupts the epoch under way); None: it decides at every epoch (every report waits)
     decisions: frozenset[int] | None = None
     checkpoint_seconds: float = 0.0  # at least this long between two checkpoints of a trial (0: every epoch)
 
@@ -136,7 +140,9 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         _inject(faults, r.epoch, resumed=start)
 
     try:
-        train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"], keep_best=False)
+        train(model_cfg, cfg, data, on_epoch=on_epoch, resume=resume, device=where["device"], keep_best=False,
+              should_stop=lambda: reporter.ended)
+        reporter.raise_if_ended()  # stopped mid-epoch: leave as at a report (SystemExit(0), or the reporting error)
     finally:
         reporter.close()
 
@@ -148,7 +154,8 @@ class _Reporter:
     the scheduler may stop the trial (or the last), where it waits until Tune has handled it. When Tune stops the
     trial, ``tune.report`` ends the reporting thread (``SystemExit``, as it would the training thread), the results
     behind it are dropped, and the training thread leaves with ``SystemExit(0)`` (a clean end for Tune) at its next
-    report. An error in reporting is raised in the training thread the same way.
+    report, or sooner through ``ended`` (``train``'s ``should_stop``). An error in reporting is raised in the training
+    thread the same way.
     """
 
     def __init__(self, decisions: frozenset[int] | None):
@@ -164,16 +171,16 @@ class _Reporter:
     def report(self, metrics: dict, checkpoint_dir: Path | None, final: bool) -> None:
         wait = final or self.decisions is None or int(metrics["epoch"]) in self.decisions
         with self._lock:
-            self._lock.wait_for(lambda: self._item is None or self._ended)
-            self._raise_if_ended(checkpoint_dir)
+            self._lock.wait_for(lambda: self._item is None or self.ended)
+            self.raise_if_ended(checkpoint_dir)
             self._item = (metrics, checkpoint_dir)
             self._lock.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="embsize-report", daemon=True)
                 self._thread.start()
             if wait:
-                self._lock.wait_for(lambda: (self._item is None and not self._busy) or self._ended)
-                self._raise_if_ended()
+                self._lock.wait_for(lambda: (self._item is None and not self._busy) or self.ended)
+                self.raise_if_ended()
 
     def close(self) -> None:
         """Wait for the results handed over to be reported (or dropped, if Tune stopped the trial), end the thread."""
@@ -187,11 +194,12 @@ class _Reporter:
             self._item = None
 
     @property
-    def _ended(self) -> bool:
+    def ended(self) -> bool:
+        """Tune stopped the trial, or reporting failed; read without the lock (two plain attributes)."""
         return self._stopped or self._error is not None
 
-    def _raise_if_ended(self, checkpoint_dir: Path | None = None) -> None:
-        if not self._ended:
+    def raise_if_ended(self, checkpoint_dir: Path | None = None) -> None:
+        if not self.ended:
             return
         _remove(checkpoint_dir)
         if self._error is not None:

@@ -101,6 +101,22 @@ def test_train_patience_stops_early_as_converged(data):
     assert max(h.val_auc for h in result.history) == result.best_val_auc
 
 
+def test_train_should_stop_leaves_the_epoch_under_way(data):
+    batches = math.ceil(len(data.train.label) / FAST.batch_size)  # one epoch's
+    asked = []
+
+    def should_stop() -> bool:  # True from the middle of the third epoch on
+        asked.append(1)
+        return len(asked) > 2 * batches + batches // 2
+
+    result = train(MODEL, FAST, data, should_stop=should_stop)
+    assert result.ended == "stopped"
+    assert [h.epoch for h in result.history] == [1, 2]  # the third epoch, left unfinished, is not in the history
+    assert len(asked) == 2 * batches + batches // 2 + 1  # asked before every batch, and no batch after the answer
+    full = train(MODEL, FAST, data)
+    assert [h.val_auc for h in full.history[:2]] == [h.val_auc for h in result.history]
+
+
 def test_train_on_val_ignores_patience(data):
     cfg = TrainConfig(lr=3e-2, batch_size=128, max_epochs=5, patience=1, threads=1)
     result = train(MODEL, cfg, data, train_on_val=True)
