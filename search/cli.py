@@ -236,7 +236,8 @@ def cmd_search(args) -> int:
     if budget is not None and space.min_bytes() > budget:
         raise UsageError(
             f"--memory-budget {budget:,} bytes is below the smallest model in the search space "
-            f"({space.min_bytes():,} bytes); raise the budget or lower --min-dim/--hidden"
+            f"({space.min_bytes():,} bytes); raise the budget, or lower --min-dim, the pinned dims or the MLP width "
+            f"(`hidden` in --spec)"
         )
     dated = re.sub(r"[^A-Za-z0-9._-]", "_", f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     name = args.name or _fresh_name(out_dir, dated)

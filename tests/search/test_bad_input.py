@@ -94,6 +94,8 @@ CASES = [
     (["search", *SMALL, "--checkpoint-every", "-1"], "--checkpoint-every is -1.0, but must be >= 0 seconds"),
     (["search", *SMALL, "--checkpoint-every", "nan"], "--checkpoint-every is nan, but must be >= 0 seconds"),
     (["search", *SMALL, "--memory-budget", "10"], "raise the budget"),
+    # `embsize search` has no --hidden: the MLP width is searched or fixed in the spec
+    (["search", *SMALL, "--memory-budget", "10"], "the pinned dims or the MLP width (`hidden` in --spec)"),
     (["search", *SMALL, "--memory-budget", "lots"], "memory budget 'lots' is not a size"),
     (["search", *SMALL, "--max-dim", "0"], "max_dim is 0, but must be >= 1"),
     (["search", *SMALL, "--min-dim", "10", "--max-dim", "5"], "raise max_dim or lower min_dim"),
