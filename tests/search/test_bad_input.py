@@ -90,6 +90,8 @@ CASES = [
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,zzz"], "column 'zzz' is not in"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,y"], "also listed as a feature"),
     (["search", "--data", "{ok.csv}", *CSV, "--multi", "zzz"], "column 'zzz' is not in"),
+    # a table has no time column until --time-column names one: say so, not only "use --split random"
+    (["search", "--data", "{ok.csv}", *CSV, "--split", "temporal"], "name its time column with --time-column"),
     # budget and dims
     (["search", *SMALL, "--checkpoint-every", "-1"], "--checkpoint-every is -1.0, but must be >= 0 seconds"),
     (["search", *SMALL, "--checkpoint-every", "nan"], "--checkpoint-every is nan, but must be >= 0 seconds"),
