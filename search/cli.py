@@ -286,13 +286,19 @@ def cmd_search(args) -> int:
 
 def _quiet_trial_tracebacks() -> None:
     """Ray Tune logs a failed trial's whole traceback (twice when the trial is retried); the progress line names the
-    error, and the traceback is the trial run's error.txt in MLflow (and error.txt in Ray's trial folder). -v keeps
-    Ray's log."""
-    class DropTrialFailed(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("Trial task failed")
+    error, and the traceback is the trial run's error.txt in MLflow (and error.txt in Ray's trial folder). After a
+    Ctrl-C it tells the user to resume with `Tuner.restore(path=..., trainable=...)` (Python, not the CLI; embsize
+    prints its own `--resume` line) and, then and on resume, warns that it found no metrics for the trials stopped
+    before their first report (their epochs are in MLflow and the table once they run). -v keeps Ray's log."""
+    def dropping(*starts: str) -> logging.Filter:
+        class Drop(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                return not any(s in str(record.msg) for s in starts)
+        return Drop()
 
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(DropTrialFailed())
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(dropping("Trial task failed"))
+    logging.getLogger("ray.tune.tune").addFilter(dropping("Resume experiment with:"))
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(dropping("Failed to fetch metrics for"))
 
 
 def _fresh_name(out_dir: Path, base: str) -> str:
