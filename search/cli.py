@@ -263,6 +263,9 @@ def cmd_search(args) -> int:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
+    note = _budget_note(data, space, budget) if budget is not None and not args.no_heuristics else None
+    if note:
+        print(note)
     if not args.verbose:
         _quiet_trial_tracebacks()
     while True:
@@ -299,6 +302,18 @@ def _quiet_trial_tracebacks() -> None:
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(dropping("Trial task failed"))
     logging.getLogger("ray.tune.tune").addFilter(dropping("Resume experiment with:"))
     logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(dropping("Failed to fetch metrics for"))
+
+
+def _budget_note(data, space, budget: int) -> str | None:
+    """The heuristic baselines that --memory-budget keeps from training (the result table shows none of them)."""
+    from .heuristics import HEURISTICS
+    from .runner import heuristic_configs
+
+    over = {rule: space.bytes(c) for rule, c in heuristic_configs(data, space, None).items() if space.bytes(c) > budget}
+    if not over:
+        return None
+    return (f"heuristic baselines over --memory-budget {budget:,} bytes, not trained: "
+            + ", ".join(f"{HEURISTICS[rule]} ({size:,} bytes)" for rule, size in over.items()))
 
 
 def _fresh_name(out_dir: Path, base: str) -> str:
