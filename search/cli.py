@@ -510,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse names the top-level help; the misspelt flag belongs to the subcommand's
+            where = f"embsize {args.command}" if getattr(args, "command", None) else "embsize"
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if not getattr(args, "command", None):
             parser.print_help()

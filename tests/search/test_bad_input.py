@@ -128,6 +128,7 @@ CASES = [
     (["confirm", "any", "--refine-tolerance", "0.01"], "without --refine; add --refine or drop it"),
     (["search", "--max-concurrent", "0"], "--max-concurrent is 0"),
     (["search", "--trials", "many"], "invalid int value: 'many'"),
+    (["search", "--trails", "5"], "unrecognized arguments: --trails 5 (see `embsize search --help`)"),
     (["search", "--seed", "-1"], "argument --seed: '-1' is not an integer >= 0"),
     (["train", "--seed", "x"], "argument --seed: 'x' is not an integer >= 0"),
     (["search", "--name", "../escape"], "is not a plain name"),
