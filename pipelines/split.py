@@ -22,7 +22,8 @@ def split_rows(
         order = np.random.default_rng(seed).permutation(n)
     elif method == "temporal":
         if time is None:
-            raise ValueError("split 'temporal' needs a timestamp column, and this dataset has none; use --split random")
+            raise ValueError("split 'temporal' needs a timestamp column, and this dataset has none; for a CSV/Parquet "
+                             "file name its time column with --time-column, or use --split random")
         order = np.argsort(time, kind="stable")
     else:
         raise ValueError(f"split method is {method!r}, but must be 'random' or 'temporal'")

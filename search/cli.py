@@ -236,7 +236,8 @@ def cmd_search(args) -> int:
     if budget is not None and space.min_bytes() > budget:
         raise UsageError(
             f"--memory-budget {budget:,} bytes is below the smallest model in the search space "
-            f"({space.min_bytes():,} bytes); raise the budget or lower --min-dim/--hidden"
+            f"({space.min_bytes():,} bytes); raise the budget, or lower --min-dim, the pinned dims or the MLP width "
+            f"(`hidden` in --spec)"
         )
     dated = re.sub(r"[^A-Za-z0-9._-]", "_", f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     name = args.name or _fresh_name(out_dir, dated)
@@ -262,6 +263,9 @@ def cmd_search(args) -> int:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
           f"{args.scheduler}; outputs -> {settings.out}")
+    note = _budget_note(data, space, budget) if budget is not None and not args.no_heuristics else None
+    if note:
+        print(note)
     if not args.verbose:
         _quiet_trial_tracebacks()
     while True:
@@ -285,13 +289,31 @@ def cmd_search(args) -> int:
 
 def _quiet_trial_tracebacks() -> None:
     """Ray Tune logs a failed trial's whole traceback (twice when the trial is retried); the progress line names the
-    error, and the traceback is the trial run's error.txt in MLflow (and error.txt in Ray's trial folder). -v keeps
-    Ray's log."""
-    class DropTrialFailed(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("Trial task failed")
+    error, and the traceback is the trial run's error.txt in MLflow (and error.txt in Ray's trial folder). After a
+    Ctrl-C it tells the user to resume with `Tuner.restore(path=..., trainable=...)` (Python, not the CLI; embsize
+    prints its own `--resume` line) and, then and on resume, warns that it found no metrics for the trials stopped
+    before their first report (their epochs are in MLflow and the table once they run). -v keeps Ray's log."""
+    def dropping(*starts: str) -> logging.Filter:
+        class Drop(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                return not any(s in str(record.msg) for s in starts)
+        return Drop()
 
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(DropTrialFailed())
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(dropping("Trial task failed"))
+    logging.getLogger("ray.tune.tune").addFilter(dropping("Resume experiment with:"))
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(dropping("Failed to fetch metrics for"))
+
+
+def _budget_note(data, space, budget: int) -> str | None:
+    """The heuristic baselines that --memory-budget keeps from training (the result table shows none of them)."""
+    from .heuristics import HEURISTICS
+    from .runner import heuristic_configs
+
+    over = {rule: space.bytes(c) for rule, c in heuristic_configs(data, space, None).items() if space.bytes(c) > budget}
+    if not over:
+        return None
+    return (f"heuristic baselines over --memory-budget {budget:,} bytes, not trained: "
+            + ", ".join(f"{HEURISTICS[rule]} ({size:,} bytes)" for rule, size in over.items()))
 
 
 def _fresh_name(out_dir: Path, base: str) -> str:
@@ -488,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse names the top-level help; the misspelt flag belongs to the subcommand's
+            where = f"embsize {args.command}" if getattr(args, "command", None) else "embsize"
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if not getattr(args, "command", None):
             parser.print_help()

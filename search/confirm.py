@@ -213,6 +213,9 @@ def rebuild_data(result, source: str | None = None, **load_options) -> EncodedDa
     src = source or p.get("dataset.source")
     if not src:
         raise ValueError("the search's run records no dataset.source; give the data with --data")
+    if source is None and src != "synthetic" and not src.startswith("movielens-") and not Path(src).exists():
+        raise ValueError(f"the search's data '{src}' does not exist (moved, or the search ran on another machine); "
+                         "pass where that data is now with --data")
     if src == "synthetic" and "dataset.rows" in p:
         load_options.setdefault("synthetic_rows", int(p["dataset.rows"]))
     if src != "synthetic":  # how the search read its table / MovieLens (searches since 2026-12-02 record it)

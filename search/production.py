@@ -231,6 +231,7 @@ def _refuse_model_flags(args) -> None:
 def train_recipe(args) -> int:
     """`embsize train --config FILE`: the CLI's side (prints; errors are ValueError -> one line, exit 2)."""
     from pipelines import prepare
+    from pipelines.load import MOVIELENS_SOURCES
     from pipelines.memory import check_fits, training_copies
 
     from . import preflight, tracking
@@ -251,7 +252,11 @@ def train_recipe(args) -> int:
         _check_export_dir(Path(args.export))
     uri = _tracking_uri(args.tracking_uri, recipe)
     preflight.check_tracking(uri)  # before the data and the training: an unreachable store fails in seconds
+    given = args.data
     args = _searched_data(args, recipe)
+    if args.data != given and args.data not in ("synthetic", *MOVIELENS_SOURCES) and not Path(args.data).exists():
+        raise ValueError(f"the config's data '{args.data}' does not exist (moved, or the config came from another "
+                         "machine); pass where that data is now with --data")
     raw = _raw(args)
     data = prepare(raw, split=args.split, seed=args.seed, min_freq=args.min_freq)
     warning = check_data(recipe, data)

@@ -90,10 +90,14 @@ CASES = [
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,zzz"], "column 'zzz' is not in"),
     (["search", "--data", "{ok.csv}", "--label", "y", "--features", "user,y"], "also listed as a feature"),
     (["search", "--data", "{ok.csv}", *CSV, "--multi", "zzz"], "column 'zzz' is not in"),
+    # a table has no time column until --time-column names one: say so, not only "use --split random"
+    (["search", "--data", "{ok.csv}", *CSV, "--split", "temporal"], "name its time column with --time-column"),
     # budget and dims
     (["search", *SMALL, "--checkpoint-every", "-1"], "--checkpoint-every is -1.0, but must be >= 0 seconds"),
     (["search", *SMALL, "--checkpoint-every", "nan"], "--checkpoint-every is nan, but must be >= 0 seconds"),
     (["search", *SMALL, "--memory-budget", "10"], "raise the budget"),
+    # `embsize search` has no --hidden: the MLP width is searched or fixed in the spec
+    (["search", *SMALL, "--memory-budget", "10"], "the pinned dims or the MLP width (`hidden` in --spec)"),
     (["search", *SMALL, "--memory-budget", "lots"], "memory budget 'lots' is not a size"),
     (["search", *SMALL, "--max-dim", "0"], "max_dim is 0, but must be >= 1"),
     (["search", *SMALL, "--min-dim", "10", "--max-dim", "5"], "raise max_dim or lower min_dim"),
@@ -124,6 +128,7 @@ CASES = [
     (["confirm", "any", "--refine-tolerance", "0.01"], "without --refine; add --refine or drop it"),
     (["search", "--max-concurrent", "0"], "--max-concurrent is 0"),
     (["search", "--trials", "many"], "invalid int value: 'many'"),
+    (["search", "--trails", "5"], "unrecognized arguments: --trails 5 (see `embsize search --help`)"),
     (["search", "--seed", "-1"], "argument --seed: '-1' is not an integer >= 0"),
     (["train", "--seed", "x"], "argument --seed: 'x' is not an integer >= 0"),
     (["search", "--name", "../escape"], "is not a plain name"),

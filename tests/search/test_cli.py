@@ -265,3 +265,24 @@ def test_sigterm_is_taken_as_ctrl_c_so_an_open_mlflow_run_is_closed(tmp_path, ca
         signal.signal(signal.SIGINT, sigint)
         mlflow.set_tracking_uri(uri)
         runner._TERMINATED.clear()
+
+
+def test_cli_budget_note_names_the_baselines_the_budget_keeps_out():
+    """Under --memory-budget the over-budget baselines are not trained; the search says so before it starts, since
+    the result table ("Pareto front and heuristic baselines") then shows none of them."""
+    from pipelines import prepare
+    from pipelines.synthetic import SyntheticSpec, generate
+    from search.cli import _budget_note
+    from search.heuristics import HEURISTICS, heuristic_dims
+    from search.space import build_space
+
+    data = prepare(generate(SyntheticSpec(rows=3000)))
+    space = build_space(data.features)
+    counts = {f.name: data.counts(f.name) for f in data.features}
+    sizes = {rule: space.bytes(space.encode(dims)) for rule, dims in heuristic_dims(data.features, counts).items()}
+    budget = sorted(sizes.values())[1]  # the smallest two fit, the others do not
+    note = _budget_note(data, space, budget)
+    over = [rule for rule, size in sizes.items() if size > budget]
+    assert note is not None and note.startswith(f"heuristic baselines over --memory-budget {budget:,} bytes")
+    assert len(over) >= 2 and all(f"{HEURISTICS[rule]} ({sizes[rule]:,} bytes)" in note for rule in over)
+    assert _budget_note(data, space, max(sizes.values())) is None

@@ -123,6 +123,19 @@ def test_confirm_rebuilt_data_must_match_the_searchs_fingerprint(ray_session, tm
         rebuild_data(reviewed, "synthetic", synthetic_rows=5_000)
 
 
+def test_confirm_data_that_moved_says_to_pass_data(tmp_path):
+    """The run records the searched file's absolute path; once it moved, the fix is --data (the message was the
+    generic "give a MovieLens folder/zip, a CSV/Parquet file, or 'synthetic'")."""
+    from types import SimpleNamespace
+
+    gone = tmp_path / "events.csv"
+    reviewed = SimpleNamespace(extra={"params": {"dataset.source": str(gone), "dataset.label": "clicked",
+                                                 "dataset.features": "user_id,item_id"}})
+    with pytest.raises(ValueError, match=f"the search's data '{gone}' does not exist .*; pass where that data is "
+                                         "now with --data"):
+        rebuild_data(reviewed)
+
+
 def _clicks(path, n: int = 600) -> None:
     """A table whose label is text (click/noclick) and learnable from both features."""
     rng = np.random.default_rng(0)

@@ -326,6 +326,8 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
         _, err = p.communicate(timeout=120)
         assert p.returncode == code, err[-3000:]
         assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]  # no C++ abort dump
+        # Ray's own resume hint is Python (`Tuner.restore(...)`), not the CLI: only embsize's line says how to go on
+        assert "Tuner.restore" not in err and "Failed to fetch metrics" not in err, err[-3000:]
         assert err.strip().splitlines()[-1] == (
             "embsize: search 'stopped' was interrupted; continue it with "
             f"`embsize search --resume stopped --output-dir {tmp_path / 'embsize-out'}`")
@@ -337,6 +339,7 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Failed to fetch metrics" not in resumed.stderr, resumed.stderr[-3000:]
     table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "trials.csv")
     assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
     _, parents, children = _runs(uri, "stopped")

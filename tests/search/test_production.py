@@ -305,6 +305,19 @@ def test_train_config_takes_the_recipes_data_options_not_given():
     assert (vars(_searched_data(args, synthetic))["rows"], vars(_searched_data(args, synthetic))["seed"]) == (20000, 1)
 
 
+def test_cli_train_config_whose_data_moved_says_to_pass_data(tmp_path, monkeypatch, capsys):
+    """The config records the searched file's absolute path; once it moved, the fix is --data, which the generic
+    "give a MovieLens folder/zip, a CSV/Parquet file" did not say."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "recommended.yaml"
+    written_recipe(path)  # its data, tmp_path/events.csv, was never written
+    assert main(["train", "--config", str(path)]) == 2
+    err = _one_error_line(capsys)
+    assert f"the config's data '{tmp_path / 'events.csv'}' does not exist" in err
+    assert "pass where that data is now with --data" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recommended.yaml"]
+
+
 @pytest.mark.parametrize("field, value, message", BAD_EDITS, ids=[f"{f}={v!r}" for f, v, _ in BAD_EDITS])
 def test_cli_train_config_refuses_a_hand_edited_field_with_one_line(tmp_path, monkeypatch, capsys, field, value,
                                                                     message):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -422,3 +423,17 @@ def test_load_spec_refuses_python_tags_without_running_them(tmp_path):
     with pytest.raises(ValueError, match="is not valid YAML"):
         load_spec(path)
     assert not marker.exists()
+
+
+def test_spec_readme_example_is_a_valid_spec():
+    """The `--spec` example in the README's "Shaping the search" parses and does what its comments say."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Shaping the search.**"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    block = section[start:section.index("```", start)]
+    features = (FeatureInfo("user_id", False, 301), FeatureInfo("item_id", False, 501),
+                FeatureInfo("country", False, 6), FeatureInfo("tags", True, 9))
+    space = build_space(features, parse_spec(yaml.safe_load(block)))
+    assert space.pins == {"country": 4}
+    assert space.ranges["user_id"] == (8, 32) and space.ranges["item_id"][-1] == 32
+    assert space.lr == 0.003 and space.hidden == (32, 64)
