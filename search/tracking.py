@@ -424,8 +424,7 @@ class TrialRuns(Callback):
         run_id = self._run_for(trial_id, config)
         outcome = trial_outcome(result, error)
         # on_front / recommended: 'false' until the search's end marks the front and the pick (runner._log_parent)
-        tags = {"outcome": outcome, "epochs_trained": str(int(result.get("epoch", 0))), "on_front": "false",
-                "recommended": "false"}
+        tags = {"outcome": outcome, "on_front": "false", "recommended": "false"}
         if outcome == "completed":
             tags["ended"] = str(result.get("ended", ""))
         if error:

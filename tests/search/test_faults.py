@@ -292,7 +292,7 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
         # --checkpoint-every, the start) and report their early epochs again: MLflow has each epoch once
         if runs[0].info.status == "FINISHED":
             steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "val_auc")]
-            assert steps == list(range(1, int(runs[0].data.tags["epochs_trained"]) + 1)), steps
+            assert steps == list(range(1, int(runs[0].data.metrics["epochs_trained"]) + 1)), steps
     assert set(table["trial_id"]) <= set(by_trial)
     # trials the killed driver had started but never saved are closed KILLED, not left RUNNING
     assert all(runs[0].info.status == "KILLED" for t, runs in by_trial.items() if t not in set(table["trial_id"]))

@@ -67,7 +67,7 @@ def test_search_writes_parent_and_child_runs(searched, data):
         assert run.info.status == "FINISHED"
         assert run.data.tags["outcome"] in ("completed", "stopped_early")
         history = c.get_metric_history(run.info.run_id, "val_auc")
-        epochs = int(run.data.tags["epochs_trained"])
+        epochs = int(run.data.metrics["epochs_trained"])
         # every epoch once and in order, though trials hand results to a reporting thread and MLflow gets them batched
         assert sorted(m.step for m in history) == list(range(1, epochs + 1))
         if run.data.tags["outcome"] == "stopped_early":  # ASHA decides at its rungs (grace 1, eta 2: epochs 1 and 2)

@@ -106,7 +106,11 @@ def test_a_retried_trial_logs_each_epoch_once(tracking_uri, tmp_path):
 
     (run,) = tracking.child_runs(c, opened.result()[1], parent)
     assert run.info.status == "FINISHED" and run.data.tags["retries"] == "1"
-    assert run.data.tags["outcome"] == "completed" and run.data.tags["epochs_trained"] == "4"
+    assert run.data.tags["outcome"] == "completed" and run.data.metrics["epochs_trained"] == 4
+    # one canonical form, a metric: runs were tagged with it too, and the UI showed two epochs_trained columns
+    assert "epochs_trained" not in run.data.tags
+    assert [r.info.run_id for r in c.search_runs([opened.result()[1]], "metrics.epochs_trained = 4")] == [
+        run.info.run_id]
     for key in ("val_auc", "val_logloss", "train_loss"):
         assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
