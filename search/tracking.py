@@ -202,6 +202,9 @@ class TrialRuns(Callback):
         # what a run has been given already: its best AUC so far, whether its bytes, its placement tags
         self.sent: dict[str, dict] = {}  # run id -> {"best": float, "bytes": bool, "tags": dict}
         self.restored = False  # set by ``rewire``: the trials may have runs from before
+        # trial runs of the search so far (run names trial-001, trial-002-sqrt...): counted from the store at the first
+        # new run, so names go on after those of an earlier leg, the runs a killed driver left included
+        self.numbered: int | None = None
         self._client = None
         self._queue: queue.Queue | None = None
         self._wake: threading.Event | None = None  # made with the writer thread, like the queue
@@ -239,7 +242,7 @@ class TrialRuns(Callback):
         self.uri, self._opened, self.on_event = uri, opened, on_event
         self._client = self._queue = self._thread = None
         self.errors, self.unfinished, self.logged, self.sent = [], set(), {}, {}
-        self.restored = True
+        self.restored, self.numbered = True, None
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -325,7 +328,12 @@ class TrialRuns(Callback):
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
                 tags["heuristic"] = config["heuristic"]
-            name = f"{trial_id}-{config['heuristic']}" if config.get("heuristic") else trial_id
+            if self.numbered is None:
+                self.numbered = len(child_runs(c, self.experiment_id, self.parent_run_id))
+            # numbered in the order trials start (the UI's run list reads better than Ray's random ids, kept as the
+            # tag trial_id); counted before the write, so a write that fails and is retried never reuses a name
+            self.numbered += 1
+            name = f"trial-{self.numbered:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
             run_id = self.c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
             self.c.log_batch(run_id, params=_params(config))
         self.runs[trial_id] = run_id

@@ -83,6 +83,10 @@ def test_search_writes_parent_and_child_runs(searched, data):
         assert any(k.startswith("dim.") for k in run.data.params)
     labelled = {r.data.tags.get("heuristic") for r in children} - {None}
     assert labelled == {"sqrt", "half50", "fastai", "google", "mde"}
+    # named in the order the trials started, a baseline's name ending with its heuristic
+    names = [r.info.run_name for r in sorted(children, key=lambda r: r.info.start_time)]
+    assert names == [f"trial-{i:03d}" + (f"-{r.data.tags['heuristic']}" if "heuristic" in r.data.tags else "")
+                     for i, r in enumerate(sorted(children, key=lambda r: r.info.start_time), 1)]
 
 
 def test_search_front_is_nondominated_and_fully_trained(searched):

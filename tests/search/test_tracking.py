@@ -200,3 +200,42 @@ def test_a_failed_metric_write_does_not_lose_model_bytes_or_other_runs_epochs(tr
         assert run.data.metrics["model_bytes"] == 1234 and len(_history(c, run.info.run_id, "model_bytes")) == 1
         assert run.data.metrics["best_val_auc"] == max(AUCS)
     assert a_run.data.tags["node"] == "10.0.0.1"  # the placement tags of the lost batch came with the next one
+
+
+def test_trial_runs_are_named_by_start_order_uniquely_across_a_resume(tracking_uri):
+    # runs were named by Ray's random trial ids (49edec6e, 47b54b54-sqrt): the UI's run list said nothing of the order
+    import pickle
+
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    first = tracking.TrialRuns(tracking_uri, opened)
+    first.GATHER_S = 0.05
+    saved = pickle.dumps(first)
+    a, b, gone = _Trial("a", {"dim.a": 4, "heuristic": "sqrt"}), _Trial("b", {"dim.a": 8}), _Trial("x", {"dim.a": 2})
+    for t in (a, b, gone):  # a killed driver: x started, and Ray never saved it (its trial is not continued)
+        first.on_trial_start(0, [], t)
+    _report(first, a, [1, 2, 3, 4])
+    first.on_trial_complete(0, [], a)
+    _report(first, b, [1])
+    first.close()
+    tracking.close_interrupted(c, exp, parent)
+
+    runs = pickle.loads(saved)  # the resumed search continues b and starts c
+    runs.rewire(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    b, new = _Trial("b", {"dim.a": 8}), _Trial("c", {"dim.a": 16})
+    for t in (b, new):
+        runs.on_trial_start(0, [], t)
+        _report(runs, t, [1, 2, 3, 4])
+        runs.on_trial_complete(0, [], t)
+    runs.close()
+    # a search that starts its Ray experiment afresh on the same parent run (killed before Ray's first state save)
+    fresh = tracking.TrialRuns(tracking_uri, opened)
+    fresh.GATHER_S = 0.05
+    fresh.on_trial_start(0, [], _Trial("d", {"dim.a": 4}))
+    fresh.close()
+
+    names = {r.data.tags["trial_id"]: r.info.run_name for r in tracking.child_runs(c, exp, parent)}
+    assert names == {"a": "trial-001-sqrt", "b": "trial-002", "x": "trial-003", "c": "trial-004", "d": "trial-005"}
