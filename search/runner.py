@@ -250,6 +250,8 @@ def run_search(
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
             result.seconds = time.perf_counter() - started
+            result.extra["tracking_failures"] = len(runs.errors)
+            result.extra["tracking_error"] = runs.errors[-1] if runs.errors else ""
             _log_parent(c, parent_id, result, resumed=previous is not None)
             tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
             c.set_terminated(parent_id, "FINISHED")
@@ -506,8 +508,12 @@ def _log_parent(c, parent_id: str, result: SearchResult, resumed: bool) -> None:
         "trials_failed": s["failed"],
         "epochs_trained": s["epochs_trained"],
         "wall_seconds": result.seconds,
+        # trial-run writes that failed (the search goes on without them): their runs may lack epochs or tags
+        "tracking_failures": result.extra.get("tracking_failures", 0),
     }
     c.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if result.extra.get("tracking_error"):
+        c.set_tag(parent_id, "tracking_error", str(result.extra["tracking_error"])[:5000])
     c.set_tag(parent_id, "recommended_trial", result.recommended["trial_id"])
     c.set_tag(parent_id, "recommended_run_id", result.recommended["run_id"])
     # the front and the pick on the trial runs themselves, so the MLflow UI's runs table filters them

@@ -158,6 +158,54 @@ def test_search_marks_the_front_and_the_pick_on_the_trial_runs(searched):
     (pick,) = c.search_runs([exp], f"{nested} and tags.recommended = 'true'")
     assert pick.data.tags["trial_id"] == result.recommended["trial_id"] == parent.data.tags["recommended_trial"]
     assert pick.info.run_id == parent.data.tags["recommended_run_id"] == result.recommended["run_id"]
+    assert parent.data.metrics["tracking_failures"] == 0 and "tracking_error" not in parent.data.tags
     others = c.search_runs([exp], f"{nested} and tags.recommended = 'false'")
     assert len(others) == len(result.trials) - 1
     assert len(c.search_runs([exp], f"{nested} and tags.on_front = 'false'")) == len(result.trials) - len(front)
+
+
+def _sabotaged_search(data, uri: str, out: str):
+    """A small search whose first trial run is deleted in MLflow from its first epoch to its end, so the writes of its
+    epochs fail for real (the store refuses a deleted run), as a tracking server that is down for a while would."""
+    import logging
+    import threading
+    import time
+
+    space = build_space(data.features, SearchSpec(max_dim=8))
+    settings = SearchSettings(name="lossy", trials=2, max_epochs=3, patience=0, scheduler="fifo", heuristics=False,
+                              tracking_uri=uri, output_dir=out)
+    deleted: dict[str, str] = {}
+    failed = threading.Event()  # the writer thread logged a failed write
+    handler = logging.Handler()
+    handler.emit = lambda record: failed.set() if "MLflow write failed" in record.getMessage() else None
+    logging.getLogger("search.tracking").addHandler(handler)
+
+    def on_event(kind, trial, result):
+        c = MlflowClient(uri)
+        if kind == "result" and not deleted:
+            for _ in range(300):  # the writer thread opens the trial's run
+                runs = c.search_runs(c.get_experiment_by_name("embsize").experiment_id,
+                                     f"tags.trial_id = '{trial.trial_id}'") if c.get_experiment_by_name("embsize") else []
+                if runs:
+                    break
+                time.sleep(0.1)
+            c.delete_run(runs[0].info.run_id)
+            deleted[trial.trial_id] = runs[0].info.run_id
+        elif kind in ("completed", "stopped_early", "failed") and trial.trial_id in deleted:
+            assert failed.wait(60), "no write to the deleted run failed"
+            c.restore_run(deleted[trial.trial_id])
+
+    try:
+        return run_search(data, space, settings, on_event=on_event), space, settings
+    finally:
+        logging.getLogger("search.tracking").removeHandler(handler)
+
+
+def test_search_records_lost_trial_run_writes_on_the_parent_run(data, ray_session, tmp_path):
+    # a trial run's failed writes were logged as warnings and the search went on (as designed), but the parent run
+    # said nothing of them: a run missing epochs looked like a complete one
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    result, *_ = _sabotaged_search(data, uri, str(tmp_path / "out"))
+    parent = MlflowClient(uri).get_run(result.parent_run_id)
+    assert parent.data.metrics["tracking_failures"] == result.extra["tracking_failures"] >= 1
+    assert "deleted" in parent.data.tags["tracking_error"]
