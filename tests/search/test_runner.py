@@ -209,3 +209,25 @@ def test_search_records_lost_trial_run_writes_on_the_parent_run(data, ray_sessio
     parent = MlflowClient(uri).get_run(result.parent_run_id)
     assert parent.data.metrics["tracking_failures"] == result.extra["tracking_failures"] >= 1
     assert "deleted" in parent.data.tags["tracking_error"]
+
+
+def test_a_resumed_searchs_parent_run_totals_every_leg(data, ray_session, tmp_path):
+    # the parent run's wall_seconds was the last driver's alone: a search interrupted after 20 minutes and resumed
+    # for its last 2 said 2 minutes (and tracking failures of the first leg were forgotten)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    first, space, settings = _sabotaged_search(data, uri, str(tmp_path / "out"))
+    second = run_search(data, space, settings)  # the same search again: Ray's experiment is restored, a second leg
+    c = MlflowClient(uri)
+    assert second.parent_run_id == first.parent_run_id
+    parent = c.get_run(first.parent_run_id)
+    assert parent.data.tags["embsize.resumed"] == "1"
+    legs = {m.step: m.value for m in c.get_metric_history(parent.info.run_id, "leg_wall_seconds")}
+    assert sorted(legs) == [0, 1] and legs[0] == first.seconds and legs[1] > 0
+    assert math.isclose(parent.data.metrics["wall_seconds"], legs[0] + legs[1])
+    assert second.seconds == parent.data.metrics["wall_seconds"] and second.extra["legs"] == 2
+    failures = {m.step: m.value for m in c.get_metric_history(parent.info.run_id, "leg_tracking_failures")}
+    assert failures == {0: first.extra["tracking_failures"], 1: 0}
+    assert parent.data.metrics["tracking_failures"] == first.extra["tracking_failures"] >= 1
+    # the trial counts cover both legs too: the first leg's two trials, none trained again
+    assert parent.data.metrics["trials_completed"] == 2 and parent.data.metrics["trials_interrupted"] == 0
+    assert parent.data.metrics["epochs_trained"] == 2 * settings.max_epochs
