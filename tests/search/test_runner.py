@@ -81,6 +81,9 @@ def test_search_writes_parent_and_child_runs(searched, data):
         assert best == sorted(set(best)) and best[-1] == max(m.value for m in history)
         assert run.data.metrics["epoch_seconds"] > 0
         assert any(k.startswith("dim.") for k in run.data.params)
+        (trained_on,) = run.inputs.dataset_inputs  # the search's dataset, for the runs table's Dataset column
+        assert (trained_on.dataset.name, trained_on.dataset.digest) == (data.name, data.fingerprint)
+        assert {t.key: t.value for t in trained_on.tags} == {"mlflow.data.context": "training"}
     labelled = {r.data.tags.get("heuristic") for r in children} - {None}
     assert labelled == {"sqrt", "half50", "fastai", "google", "mde"}
     # named in the order the trials started, a baseline's name ending with its heuristic

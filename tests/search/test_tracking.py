@@ -239,3 +239,30 @@ def test_trial_runs_are_named_by_start_order_uniquely_across_a_resume(tracking_u
 
     names = {r.data.tags["trial_id"]: r.info.run_name for r in tracking.child_runs(c, exp, parent)}
     assert names == {"a": "trial-001-sqrt", "b": "trial-002", "x": "trial-003", "c": "trial-004", "d": "trial-005"}
+
+
+def test_trial_runs_carry_the_searchs_dataset_as_their_training_input(tracking_uri):
+    # only the parent run had the dataset input: the runs table's Dataset column was empty on every trial row
+    from pipelines import SyntheticSpec, generate, prepare
+    from search import tracking
+
+    data = prepare(generate(SyntheticSpec(rows=2000, seed=4)))
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    tracking.log_dataset(c, parent, data, "synthetic", "search")
+    runs = tracking.TrialRuns(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    for t in (_Trial("a", {"dim.a": 4}), _Trial("b", {"dim.a": 8})):
+        runs.on_trial_start(0, [], t)
+        _report(runs, t, [1, 2, 3, 4])
+        runs.on_trial_complete(0, [], t)
+    runs.close()
+
+    children = tracking.child_runs(c, exp, parent)
+    assert len(children) == 2 and runs.errors == []
+    for run in children:
+        (used,) = run.inputs.dataset_inputs
+        assert (used.dataset.name, used.dataset.digest) == (data.name, data.fingerprint)
+        assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+    # one dataset in the store, shared by the parent and its trials
+    assert {r.inputs.dataset_inputs[0].dataset.digest for r in [c.get_run(parent), *children]} == {data.fingerprint}
