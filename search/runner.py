@@ -255,7 +255,7 @@ def run_search(
             result.extra.update(_end_leg(c, parent_id, time.perf_counter() - started, runs.errors))
             result.seconds = result.extra["wall_seconds"]
             # trials a killed driver had started and Ray never saved: their runs stay, KILLED, beside the trials.csv
-            result.extra["trials_interrupted"] = sum(r.data.tags.get("outcome") == "interrupted" for r in children)
+            result.extra["trials_interrupted"] = len(set(run_ids) - {r["trial_id"] for r in records})
             _log_parent(c, parent_id, result, resumed=previous is not None)
             tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
             c.set_terminated(parent_id, "FINISHED")

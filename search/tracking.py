@@ -344,8 +344,9 @@ class TrialRuns(Callback):
     def _log_dataset(self, run_id: str) -> None:
         """The search's dataset as the trial run's input too (context "training"), so the runs table's Dataset column
         shows it on trial rows. One write per trial, ~7 ms of driver CPU on SQLite (measured: as much as one batch of
-        epochs, against ~19 ms for the run and its params; 0.2 s in a default search). Only the whole dataset: MLflow keeps one input per dataset and run, and
-        the splits have no digest of their own (the split is a search param)."""
+        epochs, against ~19 ms for the run and its params; 0.2 s in a default search). Only the whole dataset: MLflow
+        keeps one input per dataset and run, and the splits have no digest of their own (the split is a search param).
+        """
         from mlflow.entities import DatasetInput, InputTag
 
         try:  # the run exists already: a failure here must not make the next result open a second one

@@ -297,6 +297,9 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     assert set(table["trial_id"]) <= set(by_trial)
     # trials the killed driver had started but never saved are closed KILLED, not left RUNNING
     assert all(runs[0].info.status == "KILLED" for t, runs in by_trial.items() if t not in set(table["trial_id"]))
+    # ... and counted on the parent run, beside the trials.csv's counts
+    assert parents[0].data.metrics["trials_interrupted"] == len(set(by_trial) - set(table["trial_id"]))
+    assert parents[0].data.metrics["trials_completed"] == trials
     study = _study(out, "lid")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == trials

@@ -187,8 +187,8 @@ def _sabotaged_search(data, uri: str, out: str):
         c = MlflowClient(uri)
         if kind == "result" and not deleted:
             for _ in range(300):  # the writer thread opens the trial's run
-                runs = c.search_runs(c.get_experiment_by_name("embsize").experiment_id,
-                                     f"tags.trial_id = '{trial.trial_id}'") if c.get_experiment_by_name("embsize") else []
+                exp = c.get_experiment_by_name("embsize")
+                runs = c.search_runs([exp.experiment_id], f"tags.trial_id = '{trial.trial_id}'") if exp else []
                 if runs:
                     break
                 time.sleep(0.1)
