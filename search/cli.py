@@ -422,7 +422,13 @@ def _print_result(result) -> None:
     print(f"recommended: trial {rec['trial_id']}  val AUC {rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}")
     print("  dims: " + ", ".join(f"{k}={v}" for k, v in rec["dims"].items()))
     print(f"hypervolume {result.hypervolume:.5f} (reference AUC {result.reference[0]}, bytes {result.reference[1]:,.0f})")
-    print(f"wall time {result.seconds:.1f} s; MLflow parent run {result.parent_run_id}")
+    legs = result.extra.get("legs", 1)
+    took = f" over {legs} runs of the search (this one {result.extra['leg_seconds']:.1f} s)" if legs > 1 else ""
+    print(f"wall time {result.seconds:.1f} s{took}; MLflow parent run {result.parent_run_id}")
+    if result.extra.get("tracking_failures"):
+        print(f"embsize: warning: {result.extra['tracking_failures']} MLflow writes of trial runs failed (last: "
+              f"{result.extra['tracking_error']}); those runs may lack epochs or tags, which `embsize report` reads; "
+              f"the files in {result.out} are complete", file=sys.stderr)
     print(f"recommended config: {result.recipe_path}")
 
 

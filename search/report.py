@@ -199,10 +199,18 @@ def write_report(result, out: Path, histories: dict, sensitivity: pd.DataFrame |
     return files
 
 
+# what the search itself logs at the top of its parent run, and the report writes again from the same trial runs with
+# the same functions (the rows or the legend in another order): a second copy under report/ would only be clutter
+SEARCH_ARTIFACTS = ("pareto.png", "front.csv", "trials.csv")
+
+
 def log_report(result, files: dict[str, Path]) -> None:
-    """Upload the report folder to the parent run (artifacts under ``report/``)."""
+    """Upload the report folder to the parent run (artifacts under ``report/``), but for the files the search logged
+    already (``SEARCH_ARTIFACTS``; a search interrupted before its end has none of them, and gets the report's)."""
     from . import tracking
 
     c = tracking.client(result.extra["tracking_uri"])
-    for path in files.values():
-        c.log_artifact(result.parent_run_id, str(path), REPORT_ARTIFACTS)
+    logged = {a.path for a in c.list_artifacts(result.parent_run_id)}
+    for name, path in files.items():
+        if not (name in SEARCH_ARTIFACTS and name in logged):
+            c.log_artifact(result.parent_run_id, str(path), REPORT_ARTIFACTS)

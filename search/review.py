@@ -2,11 +2,11 @@
 
 Everything is read from the tracking store, so a search run on another machine (or by a colleague) can be reviewed
 from its MLflow server alone. Per trial run: the ``outcome``/``heuristic``/``trial_id``/``ended``/``error`` tags, the
-``best_val_auc`` and ``model_bytes`` metrics, and the config params (``dim.<feature>``, searched knobs). From the
-parent run: the rule and settings (``search.*`` params), the dataset (``dataset.*``), and two artifacts the search
-logged, ``recommended.yaml`` (features, fixed knobs, pinned dims) and ``summary.json`` (the hypervolume's
-reference point). The front, the recommendation and the hypervolume are recomputed from the trial runs with the same
-functions the runner uses.
+``best_val_auc``, ``model_bytes`` and ``epochs_trained`` metrics, and the config params (``dim.<feature>``, searched
+knobs). From the parent run: the rule and settings (``search.*`` params), the dataset (``dataset.*``), and two
+artifacts the search logged, ``recommended.yaml`` (features, fixed knobs, pinned dims) and ``summary.json`` (the
+hypervolume's reference point). The front, the recommendation and the hypervolume are recomputed from the trial runs
+with the same functions the runner uses.
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict:
         "model_bytes": int(metrics["model_bytes"]) if "model_bytes" in metrics else model_bytes(
             features, dims, hidden_layers(config["hidden"]) if "hidden" in config else fixed.hidden),
         "embedding_bytes": int(sum(embedding_bytes(features, dims).values())),
-        "epochs": int(tags.get("epochs_trained", metrics.get("epochs_trained", 0))),
+        "epochs": int(metrics.get("epochs_trained", 0)),
         "ended": tags.get("ended", ""),
         "dims": dims,
         "config": config,

@@ -180,6 +180,7 @@ def run_search(
         pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
         opened = pool.submit(_open_parent, uri, settings, data, info, previous is not None)
         pool.shutdown(wait=False)
+        runs = None
         try:
             if not connected:
                 _connect(settings, uri)
@@ -245,11 +246,16 @@ def run_search(
                     f"search '{settings.name}' was interrupted; continue it with "
                     f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
                 )
-            run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in tracking.child_runs(c, exp_id, parent_id)}
+            children = tracking.child_runs(c, exp_id, parent_id)
+            run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
             records = _records(grid, space, {**run_ids, **runs.runs})
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
-            result.seconds = time.perf_counter() - started
+            # the whole search's figures, over every leg (a resumed search runs in several drivers)
+            result.extra.update(_end_leg(c, parent_id, time.perf_counter() - started, runs.errors))
+            result.seconds = result.extra["wall_seconds"]
+            # trials a killed driver had started and Ray never saved: their runs stay, KILLED, beside the trials.csv
+            result.extra["trials_interrupted"] = len(set(run_ids) - {r["trial_id"] for r in records})
             _log_parent(c, parent_id, result, resumed=previous is not None)
             tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
             c.set_terminated(parent_id, "FINISHED")
@@ -257,6 +263,10 @@ def run_search(
             return result
         except BaseException as e:
             c, exp_id, parent_id = opened.result()
+            try:  # the resumed search's totals count this leg too
+                _end_leg(c, parent_id, time.perf_counter() - started, runs.errors if runs is not None else [])
+            except Exception as write:  # noqa: BLE001 - the search's own error is the one to raise
+                log.warning("the search's time was not recorded on its MLflow run: %s", write)
             interrupted = isinstance(e, KeyboardInterrupt)
             if interrupted:  # trial runs Ray stopped: closed KILLED, reopened when the search is resumed
                 tracking.close_interrupted(c, exp_id, parent_id)
@@ -505,7 +515,10 @@ def _log_parent(c, parent_id: str, result: SearchResult, resumed: bool) -> None:
         "trials_stopped_early": s["stopped_early"],
         "trials_failed": s["failed"],
         "epochs_trained": s["epochs_trained"],
+        "trials_interrupted": result.extra.get("trials_interrupted", 0),
+        # totals over the search's legs (_end_leg)
         "wall_seconds": result.seconds,
+        "tracking_failures": result.extra.get("tracking_failures", 0),
     }
     c.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     c.set_tag(parent_id, "recommended_trial", result.recommended["trial_id"])
@@ -521,6 +534,32 @@ def _log_parent(c, parent_id: str, result: SearchResult, resumed: bool) -> None:
                                            RunTag("recommended", str(r["trial_id"] == pick).lower())])
     for name in ("recommended.yaml", "front.csv", "trials.csv", "pareto.png", "summary.json"):
         c.log_artifact(parent_id, str(result.out / name))
+
+
+def _end_leg(c, parent_id: str, seconds: float, errors: list[str]) -> dict:
+    """Record one driver's run of the search (a leg) on the parent run, and return the totals over every leg.
+
+    An interrupted search resumed later runs in several legs on one parent run. Each leg logs ``leg_wall_seconds`` and
+    ``leg_tracking_failures`` (trial-run writes that failed; the search goes on without them) at step = its number
+    (0 the first start, n the n-th resume: tag ``embsize.resumed``), and the last failure as tag ``tracking_error``.
+    A leg killed with ``kill -9`` records nothing, so its time is missing from the totals.
+    """
+    from mlflow.entities import Metric
+
+    run = c.get_run(parent_id)
+    leg = int(run.data.tags.get("embsize.resumed", "0"))
+    now = int(time.time() * 1000)
+    c.log_batch(parent_id, metrics=[Metric("leg_wall_seconds", float(seconds), now, leg),
+                                    Metric("leg_tracking_failures", float(len(errors)), now, leg)])
+    if errors:
+        c.set_tag(parent_id, "tracking_error", errors[-1][:5000])
+    totals = {}
+    for key in ("wall_seconds", "tracking_failures"):
+        by_leg = {m.step: m.value for m in sorted(c.get_metric_history(parent_id, f"leg_{key}"),
+                                                  key=lambda m: m.timestamp)}  # a leg's last value
+        totals[key] = sum(by_leg.values())
+    return {**totals, "legs": leg + 1, "leg_seconds": float(seconds),
+            "tracking_error": errors[-1] if errors else run.data.tags.get("tracking_error", "")}
 
 
 def _params(d: dict):

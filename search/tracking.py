@@ -202,6 +202,10 @@ class TrialRuns(Callback):
         # what a run has been given already: its best AUC so far, whether its bytes, its placement tags
         self.sent: dict[str, dict] = {}  # run id -> {"best": float, "bytes": bool, "tags": dict}
         self.restored = False  # set by ``rewire``: the trials may have runs from before
+        # trial runs of the search so far (run names trial-001, trial-002-sqrt...): counted from the store at the first
+        # new run, so names go on after those of an earlier leg, the runs a killed driver left included
+        self.numbered: int | None = None
+        self._datasets: list | None = None  # the parent run's dataset inputs, read at the first new trial run
         self._client = None
         self._queue: queue.Queue | None = None
         self._wake: threading.Event | None = None  # made with the writer thread, like the queue
@@ -231,7 +235,7 @@ class TrialRuns(Callback):
         state = self.__dict__.copy()
         # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
         state.update(uri=redact(self.uri), _client=None, _opened=None, on_event=None, _queue=None, _thread=None,
-                     _wake=None)
+                     _wake=None, _datasets=None)
         return state
 
     def rewire(self, uri: str, opened, on_event: Callable | None = None) -> None:
@@ -239,7 +243,7 @@ class TrialRuns(Callback):
         self.uri, self._opened, self.on_event = uri, opened, on_event
         self._client = self._queue = self._thread = None
         self.errors, self.unfinished, self.logged, self.sent = [], set(), {}, {}
-        self.restored = True
+        self.restored, self.numbered, self._datasets = True, None, None
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -325,11 +329,36 @@ class TrialRuns(Callback):
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
                 tags["heuristic"] = config["heuristic"]
-            name = f"{trial_id}-{config['heuristic']}" if config.get("heuristic") else trial_id
+            if self.numbered is None:
+                self.numbered = len(child_runs(c, self.experiment_id, self.parent_run_id))
+            # numbered in the order trials start (the UI's run list reads better than Ray's random ids, kept as the
+            # tag trial_id); counted before the write, so a write that fails and is retried never reuses a name
+            self.numbered += 1
+            name = f"trial-{self.numbered:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
             run_id = self.c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
             self.c.log_batch(run_id, params=_params(config))
+            self._log_dataset(run_id)
         self.runs[trial_id] = run_id
         return run_id
+
+    def _log_dataset(self, run_id: str) -> None:
+        """The search's dataset as the trial run's input too (context "training"), so the runs table's Dataset column
+        shows it on trial rows. One write per trial, ~7 ms of driver CPU on SQLite (measured: as much as one batch of
+        epochs, against ~19 ms for the run and its params; 0.2 s in a default search). Only the whole dataset: MLflow
+        keeps one input per dataset and run, and the splits have no digest of their own (the split is a search param).
+        """
+        from mlflow.entities import DatasetInput, InputTag
+
+        try:  # the run exists already: a failure here must not make the next result open a second one
+            if self._datasets is None:
+                inputs = self.c.get_run(self.parent_run_id).inputs
+                self._datasets = [d.dataset for d in (inputs.dataset_inputs if inputs else [])]
+            if self._datasets:
+                self.c.log_inputs(run_id, [DatasetInput(d, [InputTag("mlflow.data.context", "training")])
+                                           for d in self._datasets])
+        except Exception as e:  # noqa: BLE001 - as _call: counted, the search goes on
+            log.warning("MLflow write failed: %s", e)
+            self.errors.append(str(e))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.unfinished.add(trial.trial_id)
@@ -424,8 +453,7 @@ class TrialRuns(Callback):
         run_id = self._run_for(trial_id, config)
         outcome = trial_outcome(result, error)
         # on_front / recommended: 'false' until the search's end marks the front and the pick (runner._log_parent)
-        tags = {"outcome": outcome, "epochs_trained": str(int(result.get("epoch", 0))), "on_front": "false",
-                "recommended": "false"}
+        tags = {"outcome": outcome, "on_front": "false", "recommended": "false"}
         if outcome == "completed":
             tags["ended"] = str(result.get("ended", ""))
         if error:

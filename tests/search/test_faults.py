@@ -8,6 +8,7 @@ their own process groups with a private --temp-dir. They are stopped by pid / pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -292,10 +293,13 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
         # --checkpoint-every, the start) and report their early epochs again: MLflow has each epoch once
         if runs[0].info.status == "FINISHED":
             steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "val_auc")]
-            assert steps == list(range(1, int(runs[0].data.tags["epochs_trained"]) + 1)), steps
+            assert steps == list(range(1, int(runs[0].data.metrics["epochs_trained"]) + 1)), steps
     assert set(table["trial_id"]) <= set(by_trial)
     # trials the killed driver had started but never saved are closed KILLED, not left RUNNING
     assert all(runs[0].info.status == "KILLED" for t, runs in by_trial.items() if t not in set(table["trial_id"]))
+    # ... and counted on the parent run, beside the trials.csv's counts
+    assert parents[0].data.metrics["trials_interrupted"] == len(set(by_trial) - set(table["trial_id"]))
+    assert parents[0].data.metrics["trials_completed"] == trials
     study = _study(out, "lid")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == trials
@@ -342,8 +346,15 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     assert "Failed to fetch metrics" not in resumed.stderr, resumed.stderr[-3000:]
     table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "trials.csv")
     assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
-    _, parents, children = _runs(uri, "stopped")
+    c, parents, children = _runs(uri, "stopped")
     assert [r.info.status for r in parents] == ["FINISHED"]
+    # the parent run's wall time is both legs' (the interrupted driver recorded its own), not the resume's alone
+    legs = {m.step: m.value for m in c.get_metric_history(parents[0].info.run_id, "leg_wall_seconds")}
+    assert sorted(legs) == [0, 1] and min(legs.values()) > 0
+    assert math.isclose(parents[0].data.metrics["wall_seconds"], legs[0] + legs[1])
+    assert re.search(r"wall time [\d.]+ s over 2 runs of the search \(this one [\d.]+ s\)", resumed.stdout)
+    names = [r.info.run_name for r in children]  # numbered on from the first leg's runs, none twice
+    assert len(set(names)) == len(names) and all(re.fullmatch(r"trial-\d{3}", n) for n in names), names
     table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "front.csv")
     front = set(table.loc[table["on_front"], "trial_id"])
     assert {r.data.tags["trial_id"] for r in children if r.data.tags["on_front"] == "true"} == front

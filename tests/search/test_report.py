@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from search.cli import main
 from search.pareto import hypervolume, non_dominated
 from search.recommend import recommend
-from search.report import TITLE_CHARS, curves_title, report_text, write_report
+from search.report import SEARCH_ARTIFACTS, TITLE_CHARS, curves_title, log_report, report_text, write_report
 from search.review import find_parent, load_review, metric_histories
 from search.sensitivity import journal_study, sensitivity
 
@@ -108,8 +108,24 @@ def test_report_cli_prints_the_numbers_and_uploads_the_folder(searched, reviewed
     front = pd.read_csv(out / "front.csv")
     on_front = front[front["on_front"]]
     assert set(on_front["trial_id"]) == {r["trial_id"] for r in reviewed.front}
-    uploaded = {a.path for a in MlflowClient(uri).list_artifacts(result.parent_run_id, "report")}
-    assert {f"report/{name}" for name in written} <= uploaded
+    c = MlflowClient(uri)
+    uploaded = {a.path for a in c.list_artifacts(result.parent_run_id, "report")}
+    assert {f"report/{name}" for name in written - set(SEARCH_ARTIFACTS)} <= uploaded
+    # the search logged these at the top from the same trials: no second copy under report/
+    assert set(SEARCH_ARTIFACTS) <= {a.path for a in c.list_artifacts(result.parent_run_id)}
+    assert not {f"report/{name}" for name in SEARCH_ARTIFACTS} & uploaded
+
+
+def test_report_of_a_search_without_its_own_plot_and_tables_uploads_them(searched, reviewed, tmp_path):
+    # a search interrupted before its end logged no pareto.png, front.csv or trials.csv: the report's are the only ones
+    import dataclasses
+
+    result, uri, _, _ = searched
+    c = MlflowClient(uri)
+    bare = c.create_run(reviewed.extra["experiment_id"], run_name="bare").info.run_id
+    files = write_report(reviewed, tmp_path / "report", {})
+    log_report(dataclasses.replace(reviewed, parent_run_id=bare), files)
+    assert {a.path for a in c.list_artifacts(bare, "report")} == {f"report/{name}" for name in files}
 
 
 def test_report_learning_curves_are_the_mlflow_histories(searched, reviewed):

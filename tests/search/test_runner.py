@@ -67,7 +67,7 @@ def test_search_writes_parent_and_child_runs(searched, data):
         assert run.info.status == "FINISHED"
         assert run.data.tags["outcome"] in ("completed", "stopped_early")
         history = c.get_metric_history(run.info.run_id, "val_auc")
-        epochs = int(run.data.tags["epochs_trained"])
+        epochs = int(run.data.metrics["epochs_trained"])
         # every epoch once and in order, though trials hand results to a reporting thread and MLflow gets them batched
         assert sorted(m.step for m in history) == list(range(1, epochs + 1))
         if run.data.tags["outcome"] == "stopped_early":  # ASHA decides at its rungs (grace 1, eta 2: epochs 1 and 2)
@@ -81,8 +81,15 @@ def test_search_writes_parent_and_child_runs(searched, data):
         assert best == sorted(set(best)) and best[-1] == max(m.value for m in history)
         assert run.data.metrics["epoch_seconds"] > 0
         assert any(k.startswith("dim.") for k in run.data.params)
+        (trained_on,) = run.inputs.dataset_inputs  # the search's dataset, for the runs table's Dataset column
+        assert (trained_on.dataset.name, trained_on.dataset.digest) == (data.name, data.fingerprint)
+        assert {t.key: t.value for t in trained_on.tags} == {"mlflow.data.context": "training"}
     labelled = {r.data.tags.get("heuristic") for r in children} - {None}
     assert labelled == {"sqrt", "half50", "fastai", "google", "mde"}
+    # named in the order the trials started, a baseline's name ending with its heuristic
+    names = [r.info.run_name for r in sorted(children, key=lambda r: r.info.start_time)]
+    assert names == [f"trial-{i:03d}" + (f"-{r.data.tags['heuristic']}" if "heuristic" in r.data.tags else "")
+                     for i, r in enumerate(sorted(children, key=lambda r: r.info.start_time), 1)]
 
 
 def test_search_front_is_nondominated_and_fully_trained(searched):
@@ -154,6 +161,76 @@ def test_search_marks_the_front_and_the_pick_on_the_trial_runs(searched):
     (pick,) = c.search_runs([exp], f"{nested} and tags.recommended = 'true'")
     assert pick.data.tags["trial_id"] == result.recommended["trial_id"] == parent.data.tags["recommended_trial"]
     assert pick.info.run_id == parent.data.tags["recommended_run_id"] == result.recommended["run_id"]
+    assert parent.data.metrics["tracking_failures"] == 0 and "tracking_error" not in parent.data.tags
     others = c.search_runs([exp], f"{nested} and tags.recommended = 'false'")
     assert len(others) == len(result.trials) - 1
     assert len(c.search_runs([exp], f"{nested} and tags.on_front = 'false'")) == len(result.trials) - len(front)
+
+
+def _sabotaged_search(data, uri: str, out: str):
+    """A small search whose first trial run is deleted in MLflow from its first epoch to its end, so the writes of its
+    epochs fail for real (the store refuses a deleted run), as a tracking server that is down for a while would."""
+    import logging
+    import threading
+    import time
+
+    space = build_space(data.features, SearchSpec(max_dim=8))
+    settings = SearchSettings(name="lossy", trials=2, max_epochs=3, patience=0, scheduler="fifo", heuristics=False,
+                              tracking_uri=uri, output_dir=out)
+    deleted: dict[str, str] = {}
+    failed = threading.Event()  # the writer thread logged a failed write
+    handler = logging.Handler()
+    handler.emit = lambda record: failed.set() if "MLflow write failed" in record.getMessage() else None
+    logging.getLogger("search.tracking").addHandler(handler)
+
+    def on_event(kind, trial, result):
+        c = MlflowClient(uri)
+        if kind == "result" and not deleted:
+            for _ in range(300):  # the writer thread opens the trial's run
+                exp = c.get_experiment_by_name("embsize")
+                runs = c.search_runs([exp.experiment_id], f"tags.trial_id = '{trial.trial_id}'") if exp else []
+                if runs:
+                    break
+                time.sleep(0.1)
+            c.delete_run(runs[0].info.run_id)
+            deleted[trial.trial_id] = runs[0].info.run_id
+        elif kind in ("completed", "stopped_early", "failed") and trial.trial_id in deleted:
+            assert failed.wait(60), "no write to the deleted run failed"
+            c.restore_run(deleted[trial.trial_id])
+
+    try:
+        return run_search(data, space, settings, on_event=on_event), space, settings
+    finally:
+        logging.getLogger("search.tracking").removeHandler(handler)
+
+
+def test_search_records_lost_trial_run_writes_on_the_parent_run(data, ray_session, tmp_path):
+    # a trial run's failed writes were logged as warnings and the search went on (as designed), but the parent run
+    # said nothing of them: a run missing epochs looked like a complete one
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    result, *_ = _sabotaged_search(data, uri, str(tmp_path / "out"))
+    parent = MlflowClient(uri).get_run(result.parent_run_id)
+    assert parent.data.metrics["tracking_failures"] == result.extra["tracking_failures"] >= 1
+    assert "deleted" in parent.data.tags["tracking_error"]
+
+
+def test_a_resumed_searchs_parent_run_totals_every_leg(data, ray_session, tmp_path):
+    # the parent run's wall_seconds was the last driver's alone: a search interrupted after 20 minutes and resumed
+    # for its last 2 said 2 minutes (and tracking failures of the first leg were forgotten)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    first, space, settings = _sabotaged_search(data, uri, str(tmp_path / "out"))
+    second = run_search(data, space, settings)  # the same search again: Ray's experiment is restored, a second leg
+    c = MlflowClient(uri)
+    assert second.parent_run_id == first.parent_run_id
+    parent = c.get_run(first.parent_run_id)
+    assert parent.data.tags["embsize.resumed"] == "1"
+    legs = {m.step: m.value for m in c.get_metric_history(parent.info.run_id, "leg_wall_seconds")}
+    assert sorted(legs) == [0, 1] and legs[0] == first.seconds and legs[1] > 0
+    assert math.isclose(parent.data.metrics["wall_seconds"], legs[0] + legs[1])
+    assert second.seconds == parent.data.metrics["wall_seconds"] and second.extra["legs"] == 2
+    failures = {m.step: m.value for m in c.get_metric_history(parent.info.run_id, "leg_tracking_failures")}
+    assert failures == {0: first.extra["tracking_failures"], 1: 0}
+    assert parent.data.metrics["tracking_failures"] == first.extra["tracking_failures"] >= 1
+    # the trial counts cover both legs too: the first leg's two trials, none trained again
+    assert parent.data.metrics["trials_completed"] == 2 and parent.data.metrics["trials_interrupted"] == 0
+    assert parent.data.metrics["epochs_trained"] == 2 * settings.max_epochs

@@ -106,7 +106,11 @@ def test_a_retried_trial_logs_each_epoch_once(tracking_uri, tmp_path):
 
     (run,) = tracking.child_runs(c, opened.result()[1], parent)
     assert run.info.status == "FINISHED" and run.data.tags["retries"] == "1"
-    assert run.data.tags["outcome"] == "completed" and run.data.tags["epochs_trained"] == "4"
+    assert run.data.tags["outcome"] == "completed" and run.data.metrics["epochs_trained"] == 4
+    # one canonical form, a metric: runs were tagged with it too, and the UI showed two epochs_trained columns
+    assert "epochs_trained" not in run.data.tags
+    assert [r.info.run_id for r in c.search_runs([opened.result()[1]], "metrics.epochs_trained = 4")] == [
+        run.info.run_id]
     for key in ("val_auc", "val_logloss", "train_loss"):
         assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
@@ -196,3 +200,69 @@ def test_a_failed_metric_write_does_not_lose_model_bytes_or_other_runs_epochs(tr
         assert run.data.metrics["model_bytes"] == 1234 and len(_history(c, run.info.run_id, "model_bytes")) == 1
         assert run.data.metrics["best_val_auc"] == max(AUCS)
     assert a_run.data.tags["node"] == "10.0.0.1"  # the placement tags of the lost batch came with the next one
+
+
+def test_trial_runs_are_named_by_start_order_uniquely_across_a_resume(tracking_uri):
+    # runs were named by Ray's random trial ids (49edec6e, 47b54b54-sqrt): the UI's run list said nothing of the order
+    import pickle
+
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    first = tracking.TrialRuns(tracking_uri, opened)
+    first.GATHER_S = 0.05
+    saved = pickle.dumps(first)
+    a, b, gone = _Trial("a", {"dim.a": 4, "heuristic": "sqrt"}), _Trial("b", {"dim.a": 8}), _Trial("x", {"dim.a": 2})
+    for t in (a, b, gone):  # a killed driver: x started, and Ray never saved it (its trial is not continued)
+        first.on_trial_start(0, [], t)
+    _report(first, a, [1, 2, 3, 4])
+    first.on_trial_complete(0, [], a)
+    _report(first, b, [1])
+    first.close()
+    tracking.close_interrupted(c, exp, parent)
+
+    runs = pickle.loads(saved)  # the resumed search continues b and starts c
+    runs.rewire(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    b, new = _Trial("b", {"dim.a": 8}), _Trial("c", {"dim.a": 16})
+    for t in (b, new):
+        runs.on_trial_start(0, [], t)
+        _report(runs, t, [1, 2, 3, 4])
+        runs.on_trial_complete(0, [], t)
+    runs.close()
+    # a search that starts its Ray experiment afresh on the same parent run (killed before Ray's first state save)
+    fresh = tracking.TrialRuns(tracking_uri, opened)
+    fresh.GATHER_S = 0.05
+    fresh.on_trial_start(0, [], _Trial("d", {"dim.a": 4}))
+    fresh.close()
+
+    names = {r.data.tags["trial_id"]: r.info.run_name for r in tracking.child_runs(c, exp, parent)}
+    assert names == {"a": "trial-001-sqrt", "b": "trial-002", "x": "trial-003", "c": "trial-004", "d": "trial-005"}
+
+
+def test_trial_runs_carry_the_searchs_dataset_as_their_training_input(tracking_uri):
+    # only the parent run had the dataset input: the runs table's Dataset column was empty on every trial row
+    from pipelines import SyntheticSpec, generate, prepare
+    from search import tracking
+
+    data = prepare(generate(SyntheticSpec(rows=2000, seed=4)))
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    tracking.log_dataset(c, parent, data, "synthetic", "search")
+    runs = tracking.TrialRuns(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    for t in (_Trial("a", {"dim.a": 4}), _Trial("b", {"dim.a": 8})):
+        runs.on_trial_start(0, [], t)
+        _report(runs, t, [1, 2, 3, 4])
+        runs.on_trial_complete(0, [], t)
+    runs.close()
+
+    children = tracking.child_runs(c, exp, parent)
+    assert len(children) == 2 and runs.errors == []
+    for run in children:
+        (used,) = run.inputs.dataset_inputs
+        assert (used.dataset.name, used.dataset.digest) == (data.name, data.fingerprint)
+        assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+    # one dataset in the store, shared by the parent and its trials
+    assert {r.inputs.dataset_inputs[0].dataset.digest for r in [c.get_run(parent), *children]} == {data.fingerprint}
