@@ -73,6 +73,12 @@ def load(
     )
 
 
+def missing_path(source: str) -> bool:
+    """``source`` names a file or folder that is not there (``synthetic`` and the MovieLens downloads are names, not
+    paths): what a config or a search recorded, checked where the data may have moved since."""
+    return source != "synthetic" and source not in MOVIELENS_SOURCES and not Path(source).expanduser().exists()
+
+
 def describe_sources() -> str:
     """What ``--data`` accepts, for the CLI's help."""
     return (

@@ -293,15 +293,10 @@ def _quiet_trial_tracebacks() -> None:
     Ctrl-C it tells the user to resume with `Tuner.restore(path=..., trainable=...)` (Python, not the CLI; embsize
     prints its own `--resume` line) and, then and on resume, warns that it found no metrics for the trials stopped
     before their first report (their epochs are in MLflow and the table once they run). -v keeps Ray's log."""
-    def dropping(*starts: str) -> logging.Filter:
-        class Drop(logging.Filter):
-            def filter(self, record: logging.LogRecord) -> bool:
-                return not any(s in str(record.msg) for s in starts)
-        return Drop()
-
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(dropping("Trial task failed"))
-    logging.getLogger("ray.tune.tune").addFilter(dropping("Resume experiment with:"))
-    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(dropping("Failed to fetch metrics for"))
+    for logger, text in (("ray.tune.execution.tune_controller", "Trial task failed"),
+                         ("ray.tune.tune", "Resume experiment with:"),
+                         ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for")):
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in str(record.msg))
 
 
 def _budget_note(data, space, budget: int) -> str | None:
@@ -309,7 +304,8 @@ def _budget_note(data, space, budget: int) -> str | None:
     from .heuristics import HEURISTICS
     from .runner import heuristic_configs
 
-    over = {rule: space.bytes(c) for rule, c in heuristic_configs(data, space, None).items() if space.bytes(c) > budget}
+    sizes = {rule: space.bytes(c) for rule, c in heuristic_configs(data, space, None).items()}
+    over = {rule: size for rule, size in sizes.items() if size > budget}
     if not over:
         return None
     return (f"heuristic baselines over --memory-budget {budget:,} bytes, not trained: "

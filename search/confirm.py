@@ -205,7 +205,7 @@ def rebuild_data(result, source: str | None = None, **load_options) -> EncodedDa
     """The search's dataset, rebuilt from the parent run's ``dataset.*`` params (or ``source`` and loader options
     such as ``label``/``features`` for a table), checked against the search's fingerprint."""
     from pipelines import prepare
-    from pipelines.load import MOVIELENS_SOURCES, load
+    from pipelines.load import load, missing_path
 
     p = result.extra["params"]
     seed, split = int(p.get("dataset.seed", 0)), p.get("dataset.split", "random")
@@ -213,7 +213,7 @@ def rebuild_data(result, source: str | None = None, **load_options) -> EncodedDa
     src = source or p.get("dataset.source")
     if not src:
         raise ValueError("the search's run records no dataset.source; give the data with --data")
-    if source is None and src not in ("synthetic", *MOVIELENS_SOURCES) and not Path(src).exists():
+    if source is None and missing_path(src):
         raise ValueError(f"the search's data '{src}' does not exist (moved, or the search ran on another machine); "
                          "pass where that data is now with --data")
     if src == "synthetic" and "dataset.rows" in p:

@@ -231,7 +231,7 @@ def _refuse_model_flags(args) -> None:
 def train_recipe(args) -> int:
     """`embsize train --config FILE`: the CLI's side (prints; errors are ValueError -> one line, exit 2)."""
     from pipelines import prepare
-    from pipelines.load import MOVIELENS_SOURCES
+    from pipelines.load import missing_path
     from pipelines.memory import check_fits, training_copies
 
     from . import preflight, tracking
@@ -254,7 +254,7 @@ def train_recipe(args) -> int:
     preflight.check_tracking(uri)  # before the data and the training: an unreachable store fails in seconds
     given = args.data
     args = _searched_data(args, recipe)
-    if args.data != given and args.data not in ("synthetic", *MOVIELENS_SOURCES) and not Path(args.data).exists():
+    if args.data != given and missing_path(args.data):
         raise ValueError(f"the config's data '{args.data}' does not exist (moved, or the config came from another "
                          "machine); pass where that data is now with --data")
     raw = _raw(args)

@@ -246,8 +246,7 @@ def run_search(
                     f"search '{settings.name}' was interrupted; continue it with "
                     f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
                 )
-            children = tracking.child_runs(c, exp_id, parent_id)
-            run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
+            run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in tracking.child_runs(c, exp_id, parent_id)}
             records = _records(grid, space, {**run_ids, **runs.runs})
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
