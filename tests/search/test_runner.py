@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import SyntheticSpec, generate, prepare
 from pipelines.recipe import Recipe, build
+from search import tracking
 from search.pareto import hypervolume, non_dominated
 from search.runner import SearchSettings, run_search
 from search.space import SearchSpec, build_space
@@ -184,7 +185,10 @@ def _sabotaged_search(data, uri: str, out: str):
     logging.getLogger("search.tracking").addHandler(handler)
 
     def on_event(kind, trial, result):
-        c = MlflowClient(uri)
+        # through tracking.client, which opens a new SQLite store under the search's lock: the first results can come
+        # before the search's own thread has built the store, and a plain MlflowClient would then create the tables in
+        # place while that thread renames its finished store over the file ("attempt to write a readonly database")
+        c = tracking.client(uri)
         if kind == "result" and not deleted:
             for _ in range(300):  # the writer thread opens the trial's run
                 exp = c.get_experiment_by_name("embsize")
