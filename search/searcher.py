@@ -59,6 +59,18 @@ class DimSearch(OptunaSearch):
     def study(self):
         return self._ot_study
 
+    def _setup_study(self, mode):
+        import optuna
+
+        # Optuna logs "A new study created in Journal with name: ..." at INFO on every new search; the CLI's own start
+        # line names the search already. Its verbosity is process-wide, so it is set back after.
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+        try:
+            super()._setup_study(mode)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self._configs:  # Ray may ask again for a restored trial
             return self._configs[trial_id]

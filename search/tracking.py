@@ -60,7 +60,15 @@ def client(uri: str):
         if not db.exists():
             tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
             tmp.unlink(missing_ok=True)
-            MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
+            # MLflow says "Creating initial MLflow database tables..." and "Updating database tables" at INFO, in a
+            # format of its own, in the middle of the CLI's start lines
+            migrations = logging.getLogger("mlflow.store.db.utils")
+            level = migrations.level
+            migrations.setLevel(max(migrations.getEffectiveLevel(), logging.WARNING))
+            try:
+                MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
+            finally:
+                migrations.setLevel(level)
             os.replace(tmp, db)
         c = MlflowClient(uri)
         c.search_experiments(max_results=1)
