@@ -215,7 +215,7 @@ def cmd_search(args) -> int:
         check_fits([{"Resources": local}], args.cpus_per_trial, args.gpus_per_trial)
 
     from . import resume
-    from .runner import NoTrialCompleted, SearchSettings, run_search
+    from .runner import NoTrialCompleted, SearchSettings, TrackingUnavailable, run_search
     from .space import SearchSpec, build_space, load_spec
 
     rule = "knee" if args.knee else ("budget" if budget is not None and args.rule_budget else "epsilon")
@@ -275,6 +275,9 @@ def cmd_search(args) -> int:
             result = run_search(data, space, settings, info, on_event=progress, command=command, fresh=not args.name)
             break
         except NoTrialCompleted as e:
+            raise SearchFailed(str(e)) from None
+        except TrackingUnavailable as e:  # the result is in the files: shown, then the search fails for MLflow
+            _print_result(e.result)
             raise SearchFailed(str(e)) from None
         except (resume.SearchRunning, resume.NameTaken):
             if args.name:

@@ -246,22 +246,43 @@ def run_search(
                     f"search '{settings.name}' was interrupted; continue it with "
                     f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
                 )
-            run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in tracking.child_runs(c, exp_id, parent_id)}
+            # The trials are done: the result files are written whether or not MLflow answers now. A tracking server
+            # that is down at the end fails the search only after them (TrackingUnavailable), and a resume records
+            # the result once it is back; no MLflow write is tried again meanwhile (each waits out MLflow's retries).
+            run_ids, down = {}, None
+            if runs.skip():  # the writer found the server down, and it still is: no wait for MLflow's retries
+                down = runs.down
+            else:
+                try:
+                    run_ids = {r.data.tags.get("trial_id"): r.info.run_id
+                               for r in tracking.child_runs(c, exp_id, parent_id)}
+                except Exception as e:  # noqa: BLE001 - any store error: the ids the writer thread saw are enough
+                    down = e
             records = _records(grid, space, {**run_ids, **runs.runs})
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
-            # the whole search's figures, over every leg (a resumed search runs in several drivers)
-            result.extra.update(_end_leg(c, parent_id, time.perf_counter() - started, runs.errors))
-            result.seconds = result.extra["wall_seconds"]
-            # trials a killed driver had started and Ray never saved: their runs stay, KILLED, beside the trials.csv
-            result.extra["trials_interrupted"] = len(set(run_ids) - {r["trial_id"] for r in records})
-            _log_parent(c, parent_id, result, resumed=previous is not None)
-            tracking.close_interrupted(c, exp_id, parent_id)  # none is left open; a safety net for a run nobody closed
-            c.set_terminated(parent_id, "FINISHED")
+            result.seconds = time.perf_counter() - started
+            if down is None:
+                try:
+                    # the whole search's figures, over every leg (a resumed search runs in several drivers)
+                    result.extra.update(_end_leg(c, parent_id, result.seconds, runs.errors))
+                    result.seconds = result.extra["wall_seconds"]
+                    # trials a killed driver had started and Ray never saved: their runs stay, KILLED, beside the
+                    # trials.csv
+                    result.extra["trials_interrupted"] = len(set(run_ids) - {r["trial_id"] for r in records})
+                    _log_parent(c, parent_id, result, resumed=previous is not None)
+                    tracking.close_interrupted(c, exp_id, parent_id)  # a safety net for a run nobody closed
+                    c.set_terminated(parent_id, "FINISHED")
+                except Exception as e:  # noqa: BLE001 - as above
+                    down = e
+            if down is not None:  # the checkpoints stay: the resume restores the Ray experiment to conclude it
+                raise TrackingUnavailable(result, _redact(uri), down, settings)
             _prune_checkpoints(experiment)
             return result
         except BaseException as e:
             c, exp_id, parent_id = opened.result()
+            if isinstance(e, TrackingUnavailable):
+                raise
             try:  # the resumed search's totals count this leg too
                 _end_leg(c, parent_id, time.perf_counter() - started, runs.errors if runs is not None else [])
             except Exception as write:  # noqa: BLE001 - the search's own error is the one to raise
@@ -333,6 +354,21 @@ def terminated() -> bool:
 
 class NoTrialCompleted(RuntimeError):
     """Every trial failed or was stopped early: there is nothing to recommend."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """Every trial ended and the result files are written, but the tracking store did not take the search's end (a
+    server down): the parent run is still RUNNING and lacks the front, the pick and the artifacts. ``result`` is the
+    search's result as the files hold it."""
+
+    def __init__(self, result: SearchResult, uri: str, error: BaseException, settings: SearchSettings):
+        self.result = result
+        line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+        super().__init__(
+            f"search '{settings.name}' finished and its results are in {result.out}, but MLflow at {uri} did not "
+            f"record them ({line[:300]}); once it answers, `embsize search --resume {settings.name} --output-dir "
+            f"{settings.output_dir}` records them without training again"
+        )
 
 
 class SearchInterrupted(KeyboardInterrupt):

@@ -213,6 +213,9 @@ class TrialRuns(Callback):
         # trial runs of the search so far (run names trial-001, trial-002-sqrt...): counted from the store at the first
         # new run, so names go on after those of an earlier leg, the runs a killed driver left included
         self.numbered: int | None = None
+        # a remote store MLflow gave up on (its retries of one request take ~4 min): the next writes ask it first
+        self.suspect = False
+        self.down: Exception | None = None  # why the last such check failed; None once the store answers again
         self._datasets: list | None = None  # the parent run's dataset inputs, read at the first new trial run
         self._client = None
         self._queue: queue.Queue | None = None
@@ -242,7 +245,7 @@ class TrialRuns(Callback):
             _ = self.c
         state = self.__dict__.copy()
         # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
-        state.update(uri=redact(self.uri), _client=None, _opened=None, on_event=None, _queue=None, _thread=None,
+        state.update(uri=redact(self.uri), suspect=False, down=None, _client=None, _opened=None, on_event=None, _queue=None, _thread=None,
                      _wake=None, _datasets=None)
         return state
 
@@ -252,6 +255,7 @@ class TrialRuns(Callback):
         self._client = self._queue = self._thread = None
         self.errors, self.unfinished, self.logged, self.sent = [], set(), {}, {}
         self.restored, self.numbered, self._datasets = True, None, None
+        self.suspect, self.down = False, None
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -294,11 +298,36 @@ class TrialRuns(Callback):
                 return
 
     def _call(self, fn: Callable, *args) -> None:
+        if self.skip():
+            return
         try:
             fn(*args)
         except Exception as e:  # a tracking hiccup must not take the search down; it is reported at the end
-            log.warning("MLflow write failed: %s", e)
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        log.warning("MLflow write failed: %s", e)
+        self.errors.append(str(e))
+        self.suspect = not is_local_store(self.uri)
+
+    def skip(self) -> bool:
+        """Whether to skip a write because the remote store is down. MLflow retries each request to a server for ~4
+        minutes before it gives up; once it has given up on one, each later write first asks the store (preflight's
+        5 s check) and is skipped, counted as a failure, while it does not answer. Without this a server down at a
+        search's end held the end for those minutes once per queued write."""
+        if not self.suspect:
+            return False
+        from .preflight import check_tracking
+
+        try:
+            check_tracking(self.uri)
+        except ValueError as e:
+            self.down = e
+            log.warning("MLflow write skipped: %s", e)
             self.errors.append(str(e))
+            return True
+        self.suspect, self.down = False, None
+        return False
 
     def flush(self) -> None:
         if self._queue is not None and self._thread is not None and self._thread.is_alive():
@@ -417,13 +446,14 @@ class TrialRuns(Callback):
             tags.update({k: v for k, v in placed.items() if sent["tags"].get(k) != v})
             sent["tags"].update(placed)
         for run_id, (metrics, tags) in batches.items():
+            if self.skip():
+                continue
             try:  # run by run: one run's failed write does not lose the others' epochs
                 for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
                     self.c.log_batch(run_id, metrics=metrics[i : i + 1000],
                                      tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
             except Exception as e:  # noqa: BLE001 - as _call: reported, the search goes on
-                log.warning("MLflow write failed: %s", e)
-                self.errors.append(str(e))
+                self._failed(e)
                 continue
             self.sent[run_id] = pending[run_id]
 

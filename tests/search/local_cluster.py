@@ -101,8 +101,9 @@ class LocalCluster:
         self._node(name, [f"--address={self.address}"])
         return self.wait(f"Ray node {name}", lambda: self.alive_nodes(want))
 
-    def mlflow(self, allowed_hosts: str | None = None) -> str:
-        port = self._port()
+    def mlflow(self, allowed_hosts: str | None = None, port: int | None = None) -> str:
+        """`mlflow server` on a free port, or on ``port`` again (a server restarted after ``kill("mlflow")``)."""
+        port = port or self._port()
         extra = ["--allowed-hosts", allowed_hosts] if allowed_hosts else []
         self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'm.db'}",
                                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
@@ -143,6 +144,7 @@ class LocalCluster:
             os.killpg(self.procs[name].pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.procs[name].wait()
 
     def stop(self) -> None:
         """SIGTERM each process group, then SIGKILL what is left (Ray drains for up to 30 s otherwise), then any

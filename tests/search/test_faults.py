@@ -233,6 +233,21 @@ def test_same_name_with_a_different_setting_is_refused(failing_search, monkeypat
     assert {f: f.stat().st_mtime_ns for f in out.rglob("*")} == before  # nothing touched
 
 
+def _wait_for_closed_runs(uri: str, n: int, timeout: float = 120) -> None:
+    """Until the store holds ``n`` trial runs closed as completed (through tracking.client, which opens a new
+    SQLite store under the search's own lock)."""
+    from search import tracking
+
+    c = tracking.client(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = c.get_experiment_by_name("embsize")
+        if exp and len(c.search_runs([exp.experiment_id], "tags.outcome = 'completed'")) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{n} closed trial runs did not reach {uri} within {timeout:.0f} s")
+
+
 @pytest.mark.slow
 def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     """SIGKILL the driver after two trials finished; `--resume NAME` (nothing else) finishes the search."""
@@ -240,8 +255,11 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
             "--no-heuristics", "--name", "lid", "--scheduler", "fifo"]
     ray_tmp = _ray_tmp()
-    env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.7")  # slow enough that trials are mid-epoch at the kill
+    # slow enough that the next two trials are mid-run at the kill, after the seconds the wait for MLflow below takes
+    # (a trial that ends in between is in MLflow and not in Ray's last saved state: trained again on resume)
+    env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=2")
     finished: dict[str, str] = {}
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     try:
         p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -250,12 +268,15 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
             if m:
                 finished[m.group(1)] = m.group(2)
                 if len(finished) == 2:
+                    # once MLflow has them: the progress line comes as their close is queued for the writer thread,
+                    # and `embsize report` below reads the ended trials from MLflow (on a loaded box the kill came
+                    # first: "no trial of search 'lid' completed")
+                    _wait_for_closed_runs(uri, 2)
                     p.kill()  # SIGKILL: no cleanup, no last state save
                     break
         p.wait(timeout=60)
         assert p.returncode == -signal.SIGKILL and len(finished) == 2, finished
         _stop_processes_under(ray_tmp)  # its Ray dies with it; this is a safety net
-        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
         _, parents, _ = _runs(uri, "lid")
         assert [r.info.status for r in parents] == ["RUNNING"]  # nobody closed it: the driver was killed
         reported = subprocess.run([sys.executable, "-m", "search.cli", "report", "lid", "--no-log"], cwd=tmp_path,
@@ -467,3 +488,70 @@ def test_driver_killed_before_rays_first_experiment_state_resumes_to_the_end(tmp
     _, parents, children = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "early")
     assert [r.info.status for r in parents] == ["FINISHED"]
     assert sum(r.info.status == "FINISHED" for r in children) == 3
+
+
+@pytest.mark.slow
+def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records_it(ray_session, tiny, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """The MLflow server dies as the last trial ends. The search used to fail with MLflow's traceback and no result
+    file; now the front, the pick and recommended.yaml are written, the error names the resume, and the resume (the
+    server back on its port) records them on the same parent run without training again."""
+    from mlflow.tracking import MlflowClient
+
+    from search.runner import SearchSettings, TrackingUnavailable, run_search
+    from search.space import SearchSpec, build_space
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each write to the dead server fails at once
+    with LocalCluster("es-mlf-") as cl:
+        uri = cl.mlflow()
+        space = build_space(tiny.features, SearchSpec(max_dim=8))
+        settings = SearchSettings(name="down", trials=3, max_epochs=2, patience=0, scheduler="fifo", heuristics=False,
+                                  tracking_uri=uri, output_dir=str(tmp_path / "out"))
+        ended = []
+
+        def on_event(kind, trial, result):
+            if kind in ("completed", "stopped_early", "failed"):
+                ended.append(trial.trial_id)
+                if len(ended) == settings.trials:  # once the trial runs are closed: the end's own writes fail
+                    c = MlflowClient(uri)
+                    for _ in range(600):
+                        exp = c.get_experiment_by_name("embsize")
+                        if len(c.search_runs([exp.experiment_id], "tags.outcome = 'completed'")) == settings.trials:
+                            break
+                        time.sleep(0.1)
+                    cl.kill("mlflow")
+
+        with pytest.raises(TrackingUnavailable) as caught:
+            run_search(tiny, space, settings, on_event=on_event)
+        first = caught.value.result
+        out = tmp_path / "out" / "down"
+        assert f"--resume down --output-dir {tmp_path / 'out'}" in str(caught.value) and uri in str(caught.value)
+        assert (out / "recommended.yaml").is_file() and (out / "front.csv").is_file()
+        assert len(pd.read_csv(out / "trials.csv")) == settings.trials
+        assert first.recommended["run_id"]  # the writer thread's ids, with no store to ask
+
+        def replay(*args, **kwargs):  # the CLI's handling of this very outcome: the table, then one error line
+            raise caught.value
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr("search.runner.run_search", replay)
+        assert main(["search", "--rows", "500", "--trials", "1", "--name", "cli",
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'cli.db'}"]) == 1
+        printed = capsys.readouterr()
+        assert f"recommended: trial {first.recommended['trial_id']}" in printed.out
+        assert [ln for ln in printed.err.splitlines() if ln.startswith("embsize:")] == [
+            f"embsize: error: {caught.value}"]
+        monkeypatch.undo()
+
+        cl.mlflow(port=int(uri.rsplit(":", 1)[1]))
+        epochs = []
+        second = run_search(tiny, space, settings, on_event=lambda kind, trial, result: epochs.append(kind))
+        assert "result" not in epochs  # nothing trained again
+        assert second.parent_run_id == first.parent_run_id
+        assert second.recommended["trial_id"] == first.recommended["trial_id"]
+        c = MlflowClient(uri)
+        parent = c.get_run(first.parent_run_id)
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["recommended_trial"] == first.recommended["trial_id"]
+        assert parent.data.tags["recommended_run_id"] == first.recommended["run_id"]
+        assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"recommended.yaml", "front.csv"}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
+
+import pytest
 
 
 def _open_and_write(uri: str, barrier, i: int, results) -> None:
@@ -266,3 +269,46 @@ def test_trial_runs_carry_the_searchs_dataset_as_their_training_input(tracking_u
         assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
     # one dataset in the store, shared by the parent and its trials
     assert {r.inputs.dataset_inputs[0].dataset.digest for r in [c.get_run(parent), *children]} == {data.fingerprint}
+
+
+@pytest.mark.slow
+def test_writes_to_a_server_that_went_down_wait_out_mlflows_retries_once(monkeypatch):
+    # MLflow retries each request to a server for ~4 minutes (7 retries) before it gives up: with the server down at a
+    # search's end, the writer thread spent that once per queued write before the search could end
+    from search import tracking
+
+    from .local_cluster import LocalCluster
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # ~2 + 4 + 8 s before MLflow gives up on a request
+    with LocalCluster("es-down-") as cl:
+        uri = cl.mlflow()
+        opened = _opened(uri)
+        runs = tracking.TrialRuns(uri, opened)
+        runs.GATHER_S = 0.05
+        trials = [_Trial(f"t{i}", {"dim.a": 4}) for i in range(4)]
+        for t in trials:
+            runs.on_trial_start(0, [], t)
+            _report(runs, t, [1])
+        runs.flush()
+        cl.kill("mlflow")
+        start = time.monotonic()
+        for t in trials:  # 4 result batches and 4 closes queued for a dead server
+            _report(runs, t, [2, 3, 4])
+            runs.on_trial_complete(0, [], t)
+        runs.close()
+        took = time.monotonic() - start
+        assert runs.down is not None and "does not answer" in str(runs.down)
+        assert len(runs.errors) >= 1 + len(trials)  # the writes lost are counted (the parent run's tracking_failures)
+
+        cl.mlflow(port=int(uri.rsplit(":", 1)[1]))  # back: the next write asks, finds it up and goes through
+        late = _Trial("t9", {"dim.a": 4})
+        runs.on_trial_start(0, [], late)
+        _report(runs, late, [1, 2, 3, 4])
+        runs.on_trial_complete(0, [], late)
+        runs.close()
+        assert runs.down is None and not runs.suspect
+        c, exp, parent = opened.result()
+        (run,) = [r for r in tracking.child_runs(c, exp, parent) if r.data.tags["trial_id"] == "t9"]
+        assert run.info.status == "FINISHED" and [s for s, _ in _history(c, run.info.run_id, "val_auc")] == [1, 2, 3, 4]
+    assert took < 30, took  # one request's retries (~14 s), not one per queued write (8 x ~14 s)
