@@ -87,7 +87,13 @@ def load_review(run: str, tracking_uri: str | None = None, experiment: str = "em
     if not children:
         raise ValueError(f"search '{name}' (run {parent.info.run_id}) has no trial runs; it did not get to train")
     fixed = _fixed(c, parent.info.run_id, recipe, children)
-    records = [_record(r, features, fixed) for r in children]
+    records = [rec for rec in (_record(r, features, fixed) for r in children) if rec is not None]
+    if not records:
+        raise ValueError(f"no trial run of search '{name}' has its dims as params and the search's recipe does not "
+                         "pin them; was the search run with an older embsize?")
+    if len(records) < len(children):  # a driver killed between a run's creation and its params write
+        log.warning("%d trial runs of search '%s' have no dims as params and are left out",
+                    len(children) - len(records), name)
     settings = _settings(params)
     ref = _reference(c, parent.info.run_id)
     concluded = conclude(records, settings["rule"], settings["epsilon"], settings["memory_budget"], ref)
@@ -155,14 +161,14 @@ def metric_histories(result: SearchResult, records: list[dict], metric: str = "v
     }
 
 
-def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict:
+def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict | None:
+    """The trial run as a record, or None for a run without params (its params write never landed: every trial
+    has some, at least the knobs the search varies) or whose dims are neither params nor pinned."""
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     config = {k: _typed(k, v) for k, v in params.items()}
     dims = {f.name: config.get(DIM_PREFIX + f.name, fixed.pins.get(f.name)) for f in features}
-    missing = [n for n, d in dims.items() if d is None]
-    if missing:
-        raise ValueError(f"trial run {run.info.run_id} has no dim for '{missing[0]}' and the search's recipe does "
-                         "not pin it; was the search run with an older embsize?")
+    if not params or any(d is None for d in dims.values()):
+        return None
     outcome = tags.get("outcome") or ("failed" if run.info.status == "FAILED" else "unfinished")
     return {
         "trial_id": tags.get("trial_id", run.info.run_name),

@@ -203,6 +203,7 @@ class TrialRuns(Callback):
         self.experiment_id = self.parent_run_id = None
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.unparamed: dict[str, dict] = {}  # run id -> config, for runs whose params write has failed so far
         self.unfinished: set[str] = set()  # trials started (or restored) and not yet completed or failed
         # trial id -> last epoch logged (by this process, or before it for a resumed run): a trial Ray retries, or a
         # resumed search continues, reports again the epochs after its last checkpoint; each is logged once
@@ -253,7 +254,7 @@ class TrialRuns(Callback):
         """Reconnect a callback restored from a Ray experiment (``Tuner.restore``) to this run's store and CLI."""
         self.uri, self._opened, self.on_event = uri, opened, on_event
         self._client = self._queue = self._thread = None
-        self.errors, self.unfinished, self.logged, self.sent = [], set(), {}, {}
+        self.errors, self.unfinished, self.logged, self.sent, self.unparamed = [], set(), {}, {}, {}
         self.restored, self.numbered, self._datasets = True, None, None
         self.suspect, self.down = False, None
 
@@ -344,7 +345,10 @@ class TrialRuns(Callback):
 
     def _run_for(self, trial_id: str, config: dict) -> str:
         if trial_id in self.runs:
-            return self.runs[trial_id]
+            run_id = self.runs[trial_id]
+            if run_id in self.unparamed:  # its params write failed: again, before anything else goes to the run
+                self._write_params(run_id)
+            return run_id
         c = self.c  # first: opening the store sets the parent run id the tags below need
         # only a restored search can have a run for the trial already (one store query per trial saved otherwise)
         existing = self.restored and c.search_runs(
@@ -373,10 +377,17 @@ class TrialRuns(Callback):
             self.numbered += 1
             name = f"trial-{self.numbered:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
             run_id = self.c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
-            self.c.log_batch(run_id, params=_params(config))
-            self._log_dataset(run_id)
+            # the run is the trial's from here: a params write that fails is tried again with its next write, not
+            # with a second run for the trial
+            self.runs[trial_id], self.unparamed[run_id] = run_id, config
+            self._write_params(run_id)
         self.runs[trial_id] = run_id
         return run_id
+
+    def _write_params(self, run_id: str) -> None:
+        self.c.log_batch(run_id, params=_params(self.unparamed[run_id]))
+        del self.unparamed[run_id]
+        self._log_dataset(run_id)
 
     def _log_dataset(self, run_id: str) -> None:
         """The search's dataset as the trial run's input too (context "training"), so the runs table's Dataset column

@@ -502,6 +502,8 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
     from search.space import SearchSpec, build_space
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each write to the dead server fails at once
+    # tracking.client sets MLFLOW_TRACKING_URI (mlflow.set_tracking_uri): the dead server's must not outlive the test
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with LocalCluster("es-mlf-") as cl:
         uri = cl.mlflow()
         space = build_space(tiny.features, SearchSpec(max_dim=8))
@@ -533,15 +535,15 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
         def replay(*args, **kwargs):  # the CLI's handling of this very outcome: the table, then one error line
             raise caught.value
 
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr("search.runner.run_search", replay)
-        assert main(["search", "--rows", "500", "--trials", "1", "--name", "cli",
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'cli.db'}"]) == 1
+        with monkeypatch.context() as m:
+            m.chdir(tmp_path)
+            m.setattr("search.runner.run_search", replay)
+            assert main(["search", "--rows", "500", "--trials", "1", "--name", "cli",
+                         "--tracking-uri", f"sqlite:///{tmp_path / 'cli.db'}"]) == 1
         printed = capsys.readouterr()
         assert f"recommended: trial {first.recommended['trial_id']}" in printed.out
         assert [ln for ln in printed.err.splitlines() if ln.startswith("embsize:")] == [
             f"embsize: error: {caught.value}"]
-        monkeypatch.undo()
 
         cl.mlflow(port=int(uri.rsplit(":", 1)[1]))
         epochs = []

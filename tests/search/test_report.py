@@ -239,3 +239,21 @@ def test_report_cli_refuses_an_unknown_search(searched, capsys):
     _, uri, _, _ = searched
     assert main(["report", "nope", "--tracking-uri", uri, "--no-log"]) == 2
     assert "no search named 'nope'" in capsys.readouterr().err
+
+
+def test_review_leaves_out_a_trial_run_without_its_params(searched, caplog):
+    # a driver killed between a trial run's creation and its params write left a run with no dims: `embsize report`
+    # of that search failed on it ("has no dim for 'user_id' ... older embsize?") instead of covering the other trials
+    result, uri, _, _ = searched
+    c = MlflowClient(uri)
+    exp = c.get_run(result.parent_run_id).info.experiment_id
+    tags = {"mlflow.parentRunId": result.parent_run_id, "trial_id": "half"}
+    half = c.create_run(exp, run_name="trial-099", tags=tags).info.run_id
+    try:
+        with caplog.at_level("WARNING", logger="search.review"):
+            again = load_review(result.parent_run_id, uri)
+    finally:
+        c.delete_run(half)  # the module's other tests see the search as it was
+    assert sorted(r["trial_id"] for r in again.trials) == sorted(r["trial_id"] for r in result.trials)
+    assert again.recommended["trial_id"] == result.recommended["trial_id"]
+    assert "1 trial runs of search" in caplog.text and "left out" in caplog.text

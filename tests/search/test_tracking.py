@@ -280,6 +280,7 @@ def test_writes_to_a_server_that_went_down_wait_out_mlflows_retries_once(monkeyp
     from .local_cluster import LocalCluster
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking.client sets it; the server is gone after
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # ~2 + 4 + 8 s before MLflow gives up on a request
     with LocalCluster("es-down-") as cl:
         uri = cl.mlflow()
