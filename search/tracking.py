@@ -246,8 +246,8 @@ class TrialRuns(Callback):
             _ = self.c
         state = self.__dict__.copy()
         # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
-        state.update(uri=redact(self.uri), suspect=False, down=None, _client=None, _opened=None, on_event=None, _queue=None, _thread=None,
-                     _wake=None, _datasets=None)
+        state.update(uri=redact(self.uri), suspect=False, down=None, _client=None, _opened=None, on_event=None,
+                     _queue=None, _thread=None, _wake=None, _datasets=None)
         return state
 
     def rewire(self, uri: str, opened, on_event: Callable | None = None) -> None:
