@@ -69,7 +69,16 @@ def client(uri: str):
                 MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
             finally:
                 migrations.setLevel(level)
-            os.replace(tmp, db)
+            # linked, not renamed, into place: a program that does not take the lock (`mlflow ui` opened on the new
+            # store meanwhile) may have created the file since, and its store is kept, not replaced under it
+            try:
+                os.link(tmp, db)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not db.exists():
+                    os.replace(tmp, db)
+            tmp.unlink(missing_ok=True)
         c = MlflowClient(uri)
         c.search_experiments(max_results=1)
     _OPENED.add(uri)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sqlite3
 import time
 
 import pytest
@@ -313,3 +314,27 @@ def test_writes_to_a_server_that_went_down_wait_out_mlflows_retries_once(monkeyp
         (run,) = [r for r in tracking.child_runs(c, exp, parent) if r.data.tags["trial_id"] == "t9"]
         assert run.info.status == "FINISHED" and [s for s, _ in _history(c, run.info.run_id, "val_auc")] == [1, 2, 3, 4]
     assert took < 30, took  # one request's retries (~14 s), not one per queued write (8 x ~14 s)
+
+
+def test_a_store_another_program_creates_meanwhile_is_kept(tmp_path, monkeypatch):
+    # `mlflow ui` (which takes no lock of ours) opened on a new store while a search was building it under a temporary
+    # name: the search's rename replaced the file under the UI, whose writes then failed ("attempt to write a readonly
+    # database") and whose experiments were gone
+    import mlflow.tracking
+
+    from search import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    real = mlflow.tracking.MlflowClient
+
+    def building(store_uri=None, *args, **kwargs):
+        if store_uri and store_uri.endswith(".new"):  # while the search builds its store, the other program makes one
+            real(uri).create_experiment("other")
+        return real(store_uri, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", building)
+    tracking.client(uri)
+    # read from the file itself: MLflow's cached store of this process may still hold the replaced file open
+    with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as db:
+        assert ("other",) in db.execute("select name from experiments").fetchall()
+    assert [p.name for p in (tmp_path / "mlruns").iterdir() if p.name.endswith(".new")] == []
