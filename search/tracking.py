@@ -375,6 +375,7 @@ class TrialRuns(Callback):
             metrics, tags = existing[0].data.metrics, existing[0].data.tags
             self.sent[run_id] = {"best": metrics.get("best_val_auc", -math.inf), "bytes": "model_bytes" in metrics,
                                  "tags": {k: tags[k] for k in PLACEMENT if k in tags}}
+            self.runs[trial_id] = run_id
         else:
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
@@ -390,7 +391,6 @@ class TrialRuns(Callback):
             # with a second run for the trial
             self.runs[trial_id], self.unparamed[run_id] = run_id, config
             self._write_params(run_id)
-        self.runs[trial_id] = run_id
         return run_id
 
     def _write_params(self, run_id: str) -> None:
@@ -414,8 +414,7 @@ class TrialRuns(Callback):
                 self.c.log_inputs(run_id, [DatasetInput(d, [InputTag("mlflow.data.context", "training")])
                                            for d in self._datasets])
         except Exception as e:  # noqa: BLE001 - as _call: counted, the search goes on
-            log.warning("MLflow write failed: %s", e)
-            self.errors.append(str(e))
+            self._failed(e)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.unfinished.add(trial.trial_id)

@@ -515,12 +515,7 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
             if kind in ("completed", "stopped_early", "failed"):
                 ended.append(trial.trial_id)
                 if len(ended) == settings.trials:  # once the trial runs are closed: the end's own writes fail
-                    c = MlflowClient(uri)
-                    for _ in range(600):
-                        exp = c.get_experiment_by_name("embsize")
-                        if len(c.search_runs([exp.experiment_id], "tags.outcome = 'completed'")) == settings.trials:
-                            break
-                        time.sleep(0.1)
+                    _wait_for_closed_runs(uri, settings.trials)
                     cl.kill("mlflow")
 
         with pytest.raises(TrackingUnavailable) as caught:
