@@ -536,9 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         print(f"embsize: {e}" if str(e) else "embsize: interrupted", file=sys.stderr)
-        from .runner import terminated
-
-        return 143 if terminated() else 130  # 128 + the signal, as a shell reports it
+        # not imported here: a Ctrl-C in the first seconds lands inside `import torch`, and importing a half-imported
+        # torch again fails (or crashes the interpreter); a search that never imported the runner was not terminated
+        runner = sys.modules.get(f"{__package__}.runner")
+        return 143 if runner is not None and runner.terminated() else 130  # 128 + the signal, as a shell reports it
 
 
 if __name__ == "__main__":

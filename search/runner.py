@@ -242,10 +242,7 @@ def run_search(
                     signal.signal(signal.SIGINT, sigint)  # the front is concluded would set a dead flag, and be lost
             c, exp_id, parent_id = opened.result()
             if runs.unfinished or len(grid) < settings.trials + len(heuristics):  # Ray stops early on Ctrl-C / SIGUSR1
-                raise SearchInterrupted(
-                    f"search '{settings.name}' was interrupted; continue it with "
-                    f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`"
-                )
+                raise SearchInterrupted.of(settings)
             # The trials are done: the result files are written whether or not MLflow answers now. A tracking server
             # that is down at the end fails the search only after them (TrackingUnavailable), and a resume records
             # the result once it is back; no MLflow write is tried again meanwhile (each waits out MLflow's retries).
@@ -291,6 +288,8 @@ def run_search(
             if interrupted:  # trial runs Ray stopped: closed KILLED, reopened when the search is resumed
                 tracking.close_interrupted(c, exp_id, parent_id)
             c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
+            if interrupted and not isinstance(e, SearchInterrupted):  # a Ctrl-C while Ray starts: search.json is
+                raise SearchInterrupted.of(settings) from e  # written, so the search continues like any other
             raise
 
 
@@ -373,6 +372,11 @@ class TrackingUnavailable(RuntimeError):
 
 class SearchInterrupted(KeyboardInterrupt):
     """The search stopped before its trials were done (Ctrl-C); its state is saved for a resume."""
+
+    @classmethod
+    def of(cls, settings: SearchSettings) -> SearchInterrupted:
+        return cls(f"search '{settings.name}' was interrupted; continue it with "
+                   f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`")
 
 
 def _restore(experiment: Path, trainable, uri: str, opened, on_event, failures):

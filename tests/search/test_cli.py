@@ -269,6 +269,30 @@ def test_sigterm_is_taken_as_ctrl_c_so_an_open_mlflow_run_is_closed(tmp_path, ca
         runner._TERMINATED.clear()
 
 
+def test_ctrl_c_while_torch_is_imported_ends_with_one_line(tmp_path):
+    """A Ctrl-C in the first second of `embsize search` lands inside `import torch`. The CLI's handler then imported
+    the runner to ask whether it was a SIGTERM, importing the half-imported torch again: a traceback ("partially
+    initialized module 'torch'", "Only a single TORCH_LIBRARY") or a segfault. The Ctrl-C is raised here by an import
+    hook at a module deep inside torch's import, once, where a real one lands at random."""
+    hook = (
+        "import sys\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch._prims':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        "from search.cli import main\n"
+        "sys.exit(main(['search', '--trials', '2']))\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, "-c", hook], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip() == "embsize: interrupted"
+    assert not (tmp_path / "embsize-out").exists() and not (tmp_path / "mlruns").exists()
+
+
 def test_cli_budget_note_names_the_baselines_the_budget_keeps_out():
     """Under --memory-budget the over-budget baselines are not trained; the search says so before it starts, since
     the result table ("Pareto front and heuristic baselines") then shows none of them."""

@@ -383,6 +383,45 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
         parents[0].data.tags["recommended_trial"]]
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_ray_starts_says_how_to_continue(tmp_path):
+    """A Ctrl-C while the local Ray starts came after search.json and the parent run were written, but the CLI said
+    only "interrupted", and the dated default name was not printed anywhere a user would look for it. It now gives the
+    resume command, as a Ctrl-C during the trials does, and that command runs the search. The Ctrl-C is raised by
+    ``ray.init`` itself (replaced before the CLI runs), the one call a Ctrl-C lands in at that moment."""
+    code = (
+        "import sys, ray\n"
+        "def ctrl_c(*a, **k):\n"
+        "    raise KeyboardInterrupt\n"
+        "ray.init = ctrl_c\n"
+        "from search.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "2", "--num-cpus", "2", "--no-heuristics",
+            "--name", "early"]
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    p = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        "embsize: search 'early' was interrupted; continue it with "
+        f"`embsize search --resume early --output-dir {tmp_path / 'embsize-out'}`")
+    _, parents, _ = _runs(uri, "early")
+    assert [r.info.status for r in parents] == ["KILLED"]
+    ray_tmp = _ray_tmp()
+    try:
+        resumed = _resume(tmp_path, "early", ray_tmp)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "embsize-out" / "early" / "trials.csv")
+    assert len(table) == 2 and (table["outcome"] != "failed").all()
+    _, parents, _ = _runs(uri, "early")
+    assert [r.info.status for r in parents] == ["FINISHED"]
+
+
 # --- a lost worker node (slow) ---------------------------------------------------------------------------------------
 
 
