@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -542,5 +543,15 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if runner is not None and runner.terminated() else 130  # 128 + the signal, as a shell reports it
 
 
+def entry() -> None:
+    """The `embsize` command: ``main``, then an exit a Ctrl-C does not break into."""
+    code = main()
+    # The command's work is done when main returns: its files are written and its MLflow runs closed. What remains is
+    # Ray's atexit shutdown of the local Ray it started (~3 s), where a Ctrl-C (or SIGTERM, taken as one) printed
+    # "Exception ignored in atexit callback" with a traceback, or ended a finished search with status 130.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -293,6 +293,39 @@ def test_ctrl_c_while_torch_is_imported_ends_with_one_line(tmp_path):
     assert not (tmp_path / "embsize-out").exists() and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
+def test_ctrl_c_after_the_result_leaves_a_finished_search_finished(tmp_path):
+    """After the last line the process still shuts its local Ray down (~3 s, Ray's atexit hook). A Ctrl-C there printed
+    "Exception ignored in atexit callback" with a traceback, or ended the finished search with status 130."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "1", "--num-cpus", "2", "--no-heuristics"]
+    p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in p.stdout:
+            if line.startswith("recommended config:"):
+                break
+        sent = 0
+        for _ in range(6):  # over the next ~1.5 s: into Ray's shutdown
+            time.sleep(0.25)
+            if p.poll() is not None:
+                break
+            p.send_signal(signal.SIGINT)
+            sent += 1
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert sent, "the process ended before a Ctrl-C was sent: nothing was tested"
+    assert p.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert line.startswith("recommended config:") and Path(line.split(": ", 1)[1].strip()).is_file()
+
+
 def test_cli_budget_note_names_the_baselines_the_budget_keeps_out():
     """Under --memory-budget the over-budget baselines are not trained; the search says so before it starts, since
     the result table ("Pareto front and heuristic baselines") then shows none of them."""
