@@ -170,7 +170,7 @@ def log_final(
     if parent is not None and parent.info.experiment_id == exp_id:
         tags["mlflow.parentRunId"] = parent.info.run_id  # shows under the search in the MLflow UI
     metrics = {k: v for k, v in final.metrics.items() if math.isfinite(v)}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{search}-final", tags=tags) as run:
+    with tracking.fluent(uri), mlflow.start_run(experiment_id=exp_id, run_name=f"{search}-final", tags=tags) as run:
         mlflow.log_params(tracking.params_of({
             "dims": dict(final.recipe.model.dims), "hidden": list(final.recipe.model.hidden),
             "dropout": final.recipe.model.dropout, "epochs": final.epochs, "epochs_from": final.epochs_from,

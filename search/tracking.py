@@ -7,6 +7,7 @@ driver must reach the tracking URI, which a multi-node search requires to be a s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -36,15 +37,30 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def client(uri: str):
+@contextlib.contextmanager
+def fluent(uri: str):
+    """MLflow's fluent API (``mlflow.start_run``, ``log_model``) pointed at ``uri`` inside, and set back after.
+
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process: left set, it would send a
+    library caller's later MLflow calls, and the defaults of later embsize calls, to this store.
+    """
     import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets it (and the environment variable) again
+
+
+def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     # MLflow prints a "View run" link for every run it ends on a server, with the tracking URI as given: one line per
     # trial is noise, and the URI may hold a password (the CLI prints the parent run once, credentials removed)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-    mlflow.set_tracking_uri(uri)
     if uri in _OPENED or not uri.startswith("sqlite:///") or uri[len("sqlite:///") :] in ("", ":memory:"):
         return MlflowClient(uri)
     from filelock import FileLock

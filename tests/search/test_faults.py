@@ -541,7 +541,6 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
     from search.space import SearchSpec, build_space
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each write to the dead server fails at once
-    # tracking.client sets MLFLOW_TRACKING_URI (mlflow.set_tracking_uri): the dead server's must not outlive the test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with LocalCluster("es-mlf-") as cl:
         uri = cl.mlflow()

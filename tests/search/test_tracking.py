@@ -281,7 +281,7 @@ def test_writes_to_a_server_that_went_down_wait_out_mlflows_retries_once(monkeyp
     from .local_cluster import LocalCluster
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking.client sets it; the server is gone after
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # ~2 + 4 + 8 s before MLflow gives up on a request
     with LocalCluster("es-down-") as cl:
         uri = cl.mlflow()
@@ -338,3 +338,36 @@ def test_a_store_another_program_creates_meanwhile_is_kept(tmp_path, monkeypatch
     with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as db:
         assert ("other",) in db.execute("select name from experiments").fetchall()
     assert [p.name for p in (tmp_path / "mlruns").iterdir() if p.name.endswith(".new")] == []
+
+
+def test_the_process_wide_tracking_uri_is_left_as_the_caller_had_it(tmp_path, monkeypatch):
+    """tracking.client called ``mlflow.set_tracking_uri``, which also sets ``MLFLOW_TRACKING_URI`` for the process: a
+    library caller's later MLflow calls (and embsize's own defaults, which read it) went to the search's store, or to a
+    server gone since. Only ``fluent`` (what ``log_final``'s ``mlflow.start_run`` needs) points MLflow there, and
+    only inside."""
+    import os
+
+    import mlflow
+
+    from search import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(None)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    try:
+        tracking.client(uri).search_experiments()
+        assert not mlflow.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+        with tracking.fluent(uri):
+            assert mlflow.get_tracking_uri() == uri
+            with mlflow.start_run(experiment_id="0") as run:  # the Default experiment of the new store
+                mlflow.log_metric("m", 1.0)
+        assert tracking.client(uri).get_run(run.info.run_id).data.metrics == {"m": 1.0}
+        assert not mlflow.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+        mine = f"sqlite:///{tmp_path / 'mine.db'}"
+        mlflow.set_tracking_uri(mine)  # a caller's own choice is set back after
+        with tracking.fluent(uri):
+            pass
+        assert mlflow.get_tracking_uri() == mine and os.environ["MLFLOW_TRACKING_URI"] == mine
+    finally:
+        mlflow.set_tracking_uri(before)
