@@ -225,8 +225,7 @@ def _features(params: dict) -> tuple[FeatureInfo, ...]:
 def _recipe(c, run_id: str):
     from pipelines.recipe import Recipe
 
-    path = _download(c, run_id, "recommended.yaml")
-    return Recipe.load(path) if path is not None else None
+    return _read(c, run_id, "recommended.yaml", Recipe.load)
 
 
 def _fixed(c, run_id: str, recipe, children: list) -> Fixed:
@@ -248,10 +247,9 @@ def _fixed(c, run_id: str, recipe, children: list) -> Fixed:
 def _sampled_dims(c, run_id: str) -> dict:
     import pandas as pd
 
-    path = _download(c, run_id, "trials.csv")
-    if path is None:
+    frame = _read(c, run_id, "trials.csv", pd.read_csv)
+    if frame is None:
         return {}
-    frame = pd.read_csv(path)
     sampled = frame[frame["heuristic"].isna() | (frame["heuristic"].astype(str) == "")]
     if sampled.empty:
         return {}
@@ -260,16 +258,19 @@ def _sampled_dims(c, run_id: str) -> dict:
 
 
 def _reference(c, run_id: str) -> tuple[float, float]:
-    path = _download(c, run_id, "summary.json")
-    if path is None:
+    summary = _read(c, run_id, "summary.json", lambda path: json.loads(Path(path).read_text()))
+    if summary is None:
         return 0.5, math.nan
-    ref = json.loads(Path(path).read_text()).get("reference", {})
+    ref = summary.get("reference", {})
     return float(ref.get("auc", 0.5)), float(ref.get("model_bytes", math.nan))
 
 
-def _download(c, run_id: str, name: str) -> str | None:
+def _read(c, run_id: str, name: str, read):
+    """``read(path)`` of the run's artifact ``name``, downloaded to a temporary folder removed after; None without it.
+    (Each review left its downloads in the temporary folder before.)"""
     import tempfile
 
     if name not in {a.path for a in c.list_artifacts(run_id)}:
         return None
-    return c.download_artifacts(run_id, name, tempfile.mkdtemp(prefix="embsize-review-"))
+    with tempfile.TemporaryDirectory(prefix="embsize-review-") as tmp:
+        return read(c.download_artifacts(run_id, name, tmp))

@@ -64,6 +64,18 @@ def test_review_numbers_equal_those_computed_from_the_mlflow_runs(searched, revi
     assert reviewed.recommended["trial_id"] == pick == parent.data.tags["recommended_trial"]
 
 
+def test_review_leaves_no_downloaded_artifacts_behind(searched, tmp_path, monkeypatch):
+    """A review downloads the parent run's recommended.yaml, summary.json (and trials.csv) to read them; each review
+    left them in a folder of its own under the temporary directory (451 on this project's test machine)."""
+    import tempfile
+
+    result, uri, _, _ = searched
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    again = load_review(result.parent_run_id, uri)
+    assert again.extra["recipe"] is not None and again.reference == result.reference  # it did read the artifacts
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_review_reproduces_the_runners_records(searched, reviewed):
     result, _, _, _ = searched
     mine = {r["trial_id"]: r for r in result.trials}
@@ -123,9 +135,12 @@ def test_report_of_a_search_without_its_own_plot_and_tables_uploads_them(searche
     result, uri, _, _ = searched
     c = MlflowClient(uri)
     bare = c.create_run(reviewed.extra["experiment_id"], run_name="bare").info.run_id
-    files = write_report(reviewed, tmp_path / "report", {})
-    log_report(dataclasses.replace(reviewed, parent_run_id=bare), files)
-    assert {a.path for a in c.list_artifacts(bare, "report")} == {f"report/{name}" for name in files}
+    try:
+        files = write_report(reviewed, tmp_path / "report", {})
+        log_report(dataclasses.replace(reviewed, parent_run_id=bare), files)
+        assert {a.path for a in c.list_artifacts(bare, "report")} == {f"report/{name}" for name in files}
+    finally:  # the shared search's experiment is as other tests expect it (the MLflow UI test counts its runs)
+        c.delete_run(bare)
 
 
 def test_report_learning_curves_are_the_mlflow_histories(searched, reviewed):
