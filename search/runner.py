@@ -277,17 +277,10 @@ def run_search(
             _prune_checkpoints(experiment)
             return result
         except BaseException as e:
-            c, exp_id, parent_id = opened.result()
             if isinstance(e, TrackingUnavailable):
                 raise
-            try:  # the resumed search's totals count this leg too
-                _end_leg(c, parent_id, time.perf_counter() - started, runs.errors if runs is not None else [])
-            except Exception as write:  # noqa: BLE001 - the search's own error is the one to raise
-                log.warning("the search's time was not recorded on its MLflow run: %s", write)
             interrupted = isinstance(e, KeyboardInterrupt)
-            if interrupted:  # trial runs Ray stopped: closed KILLED, reopened when the search is resumed
-                tracking.close_interrupted(c, exp_id, parent_id)
-            c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
+            _close_parent(opened, runs, uri, time.perf_counter() - started, interrupted)
             if interrupted and not isinstance(e, SearchInterrupted):  # a Ctrl-C while Ray starts: search.json is
                 raise SearchInterrupted.of(settings) from e  # written, so the search continues like any other
             raise
@@ -573,6 +566,32 @@ def _log_parent(c, parent_id: str, result: SearchResult, resumed: bool) -> None:
                                            RunTag("recommended", str(r["trial_id"] == pick).lower())])
     for name in ("recommended.yaml", "front.csv", "trials.csv", "pareto.png", "summary.json"):
         c.log_artifact(parent_id, str(result.out / name))
+
+
+def _close_parent(opened, runs, uri: str, seconds: float, interrupted: bool) -> None:
+    """The end of a search that failed or was interrupted, on its parent run: this leg's time (a resume's totals count
+    it), the trial runs Ray stopped closed KILLED (reopened on resume), the parent closed KILLED or FAILED.
+
+    Best effort: the search's own error is the one the user must see, so a failed write is a warning. A remote store
+    that is down is asked once (preflight's 5 s check) instead of being written to: each write would wait out MLflow's
+    retries (~4 minutes by default) and then replace the search's error with MLflow's traceback. The parent run then
+    stays RUNNING; ``--resume`` takes it up again.
+    """
+    from . import tracking
+    from .preflight import check_tracking
+
+    try:
+        c, exp_id, parent_id = opened.result()
+        if runs is not None and runs.skip():
+            raise runs.down
+        if not tracking.is_local_store(uri):
+            check_tracking(uri)
+        _end_leg(c, parent_id, seconds, runs.errors if runs is not None else [])
+        if interrupted:
+            tracking.close_interrupted(c, exp_id, parent_id)
+        c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
+    except Exception as write:  # noqa: BLE001 - any store error: the search's own error follows
+        log.warning("the search's MLflow run was not closed: %s", str(write).splitlines()[0] if str(write) else write)
 
 
 def _end_leg(c, parent_id: str, seconds: float, errors: list[str]) -> dict:

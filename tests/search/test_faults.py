@@ -530,6 +530,51 @@ def test_driver_killed_before_rays_first_experiment_state_resumes_to_the_end(tmp
 
 
 @pytest.mark.slow
+def test_a_search_interrupted_while_the_tracking_server_is_down_says_how_to_continue(ray_session, tiny, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """The MLflow server dies, then the user presses Ctrl-C. Closing the parent run on the dead server raised MLflow's
+    error in place of the search's own (a traceback in the CLI, after ~4 minutes of MLflow's retries per write); now
+    the store is asked once, a warning says the run was not closed, the resume command follows, and the resume (the
+    server back) finishes the search on the same parent run."""
+    import logging
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from search.runner import SearchInterrupted, SearchSettings, run_search
+    from search.space import SearchSpec, build_space
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the writes that do reach the dead server fail at once
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with LocalCluster("es-mlf-") as cl:
+        uri = cl.mlflow()
+        space = build_space(tiny.features, SearchSpec(max_dim=8))
+        settings = SearchSettings(name="cut", trials=4, max_epochs=2, patience=0, scheduler="fifo", heuristics=False,
+                                  max_concurrent=1, tracking_uri=uri, output_dir=str(tmp_path / "out"))
+
+        def on_event(kind, trial, result):
+            if kind == "completed" and "mlflow" in cl.procs and cl.procs["mlflow"].poll() is None:
+                _wait_for_closed_runs(uri, 1)
+                cl.kill("mlflow")
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C: Tune's handler stops the trials and saves its state
+
+        with caplog.at_level(logging.WARNING, logger="search.runner"), pytest.raises(SearchInterrupted) as caught:
+            run_search(tiny, space, settings, on_event=on_event)
+        assert str(caught.value) == (f"search 'cut' was interrupted; continue it with "
+                                     f"`embsize search --resume cut --output-dir {tmp_path / 'out'}`")
+        assert any("the search's MLflow run was not closed: tracking server" in r.getMessage()
+                   for r in caplog.records), caplog.text
+
+        cl.mlflow(port=int(uri.rsplit(":", 1)[1]))
+        result = run_search(tiny, space, settings)
+        c = MlflowClient(uri)
+        assert c.get_run(result.parent_run_id).info.status == "FINISHED"
+        assert len(pd.read_csv(tmp_path / "out" / "cut" / "trials.csv")) == settings.trials
+        _, parents, _ = _runs(uri, "cut")
+        assert [r.info.run_id for r in parents] == [result.parent_run_id]  # the same parent run, not a second one
+
+
+@pytest.mark.slow
 def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records_it(ray_session, tiny, tmp_path,
                                                                                    monkeypatch, capsys):
     """The MLflow server dies as the last trial ends. The search used to fail with MLflow's traceback and no result
