@@ -280,6 +280,13 @@ def cmd_search(args) -> int:
         except TrackingUnavailable as e:  # the result is in the files: shown, then the search fails for MLflow
             _print_result(e.result)
             raise SearchFailed(str(e)) from None
+        except Exception as e:
+            full = _disk_full(e)
+            if full is None:
+                raise
+            raise SearchFailed(
+                f"a disk filled up during search '{name}' ({type(full).__name__}: {str(full).splitlines()[0]}); free "
+                f"some space, then `embsize search --resume {name} --output-dir {out_dir}` continues it") from None
         except (resume.SearchRunning, resume.NameTaken):
             if args.name:
                 raise
@@ -291,6 +298,22 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _disk_full(e: BaseException | None) -> BaseException | None:
+    """The "no space left" error behind ``e``, or None: an OSError ENOSPC/EDQUOT (Ray's and Optuna's file writes) or
+    SQLite's "database or disk is full" (MLflow's store), followed through causes and SQLAlchemy's ``orig``."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if "database or disk is full" in str(e):
+            return e
+        e = e.__cause__ or e.__context__ or getattr(e, "orig", None)
+    return None
+
+
 def _quiet_trial_tracebacks() -> None:
     """Ray Tune logs a failed trial's whole traceback (twice when the trial is retried); the progress line names the
     error, and the traceback is the trial run's error.txt in MLflow (and error.txt in Ray's trial folder). After a
@@ -299,7 +322,9 @@ def _quiet_trial_tracebacks() -> None:
     before their first report (their epochs are in MLflow and the table once they run). -v keeps Ray's log."""
     for logger, text in (("ray.tune.execution.tune_controller", "Trial task failed"),
                          ("ray.tune.tune", "Resume experiment with:"),
-                         ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for")):
+                         ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for"),
+                         # a failed SQLite write, with its whole traceback, where embsize warns in one line
+                         ("mlflow.store.db.utils", "SQLAlchemy database error")):
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in str(record.msg))
 
 

@@ -211,6 +211,32 @@ def check_writable(folder: Path, what: str = "output directory", flag: str = "--
         raise ValueError(f"{what} '{folder}' is not writable; choose another with {flag}")
 
 
+FREE_FLOOR = 64 * 2**20  # bytes a search writes besides checkpoints: Ray's experiment state, the study, MLflow rows
+
+
+def check_free_space(folders: dict[str, tuple[Path, str]], largest_model: int) -> None:
+    """Each folder's disk has room for a search's writes: refused when it holds less than ``FREE_FLOOR`` plus two
+    checkpoints of the largest model (weights and Adam's two moments, 3x its bytes each: the one being written while
+    the last is kept). ``folders``: what -> (folder, the flag that moves it). A floor, not an estimate of the whole
+    search: it catches a disk that is full before the first trial, where a search died mid-way with a traceback and
+    left its state files truncated."""
+    import shutil
+
+    need = FREE_FLOOR + 6 * int(largest_model)
+    seen = set()
+    for what, (folder, flag) in folders.items():
+        probe = _existing(Path(folder).expanduser().resolve())
+        device = probe.stat().st_dev
+        if device in seen:
+            continue
+        seen.add(device)
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise ValueError(f"the disk of the {what} '{folder}' has {free / 2**20:.0f} MB free, and a search needs at "
+                             f"least {need / 2**20:.0f} MB there (checkpoints of its largest model, Ray's state, the "
+                             f"study); free some space, or pass {flag} on another disk")
+
+
 def _existing(path: Path) -> Path:
     """``path``, or its nearest parent that exists."""
     while not path.exists():

@@ -163,3 +163,72 @@ def _norm(value):
 
 def _show(value) -> str:
     return "(none)" if value is None else (json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+
+
+SNAPSHOT_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl",
+                  "callback-states-{}.pkl")  # what Ray Tune saves of one driver's run, named by its start time
+
+
+def repair(out: Path, experiment: Path | str) -> list[str]:
+    """Undo what a write cut short (a full disk, a kill mid-write) leaves in a search's state, before it is resumed;
+    returns what was done, one line each.
+
+    - The Optuna journal: a record cut short is dropped. Left in place, the next record was appended to it, and Optuna
+      refuses a journal with a bad line before its last ("Invalid log format", or a JSON error, at every tell). A line
+      already glued that way keeps its whole second record.
+    - Ray Tune's experiment state: Ray restores the newest snapshot, and when that one does not load (a truncated
+      experiment_state-*.json or pickle) it "restarts the experiment" in the same folder, where every resume then
+      stopped after one trial. Such a snapshot is moved aside (prefix ``corrupt-``), so Ray takes the one before it,
+      or none (the trials start afresh; the study and the MLflow run go on).
+    """
+    done = []
+    journal = Path(out) / "optuna.journal"
+    if journal.is_file():
+        data = journal.read_bytes()
+        lines = data.split(b"\n")  # the last item is what follows the last newline: empty, or a record cut short
+        kept = [_record(line) for line in lines[:-1]]
+        repaired = b"".join(line + b"\n" for line in kept if line is not None)
+        if repaired != data:
+            tmp = journal.with_name(journal.name + ".repair")
+            tmp.write_bytes(repaired)
+            tmp.replace(journal)
+            cut = sum(line != whole for line, whole in zip(kept, lines)) + bool(lines[-1])
+            done.append(f"the Optuna journal {journal}: {cut} record(s) cut short dropped")
+    if isinstance(experiment, Path) and experiment.is_dir():
+        for state in sorted(experiment.glob(SNAPSHOT_FILES[0].format("*")), reverse=True):
+            stamp = state.name[len("experiment_state-"):-len(".json")]
+            files = [experiment / f.format(stamp) for f in SNAPSHOT_FILES]
+            if all(_loads(f) for f in files if f.exists()):
+                break
+            for f in files:
+                if f.exists():
+                    f.rename(f.with_name("corrupt-" + f.name))
+            done.append(f"Ray Tune's state of {stamp} in {experiment} does not load: moved aside")
+    return done
+
+
+def _record(line: bytes) -> bytes | None:
+    """A journal line that parses, the whole record at its end when a cut-short one was glued before it, or None."""
+    for start in (0, line.rfind(b'{"op_code"')):
+        if start < 0:
+            continue
+        try:
+            json.loads(line[start:])
+            return line[start:]
+        except ValueError:
+            continue
+    return None
+
+
+def _loads(path: Path) -> bool:
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            if path.name.startswith("experiment_state-"):
+                json.load(f)
+            else:
+                pickle.load(f)  # Ray's own files, in the search's own folder
+        return True
+    except Exception:  # noqa: BLE001 - any way a cut-short file fails to load
+        return False

@@ -143,6 +143,12 @@ def run_search(
     out = settings.out
     uri = settings.tracking_uri or tracking.resolve_tracking_uri(None)
     preflight.check(uri, settings.address)
+    folders = {"output directory": (out, "--output-dir")}
+    if not is_uri(settings.storage):
+        folders["Ray Tune storage"] = (Path(settings.storage), "--storage-path")
+    if uri.startswith("sqlite:///"):
+        folders["MLflow store"] = (Path(uri[len("sqlite:///"):]).parent, "--tracking-uri")
+    preflight.check_free_space(folders, space.max_bytes())
     identity = resume.identity(settings, data, space, uri)
     previous = resume.load(out)
     if previous is not None and fresh:
@@ -152,11 +158,6 @@ def run_search(
     # Ray Tune's experiment: a folder, or a URI string on remote storage (a Path would mangle s3://)
     storage = settings.storage
     experiment = f"{storage}/{settings.name}" if is_uri(storage) else Path(storage) / settings.name
-    # Tuner.can_restore sees only tuner.pkl, which Ray writes before its first experiment state: a driver killed in
-    # between left an experiment that restores with one sample and never reaches the trial count; it starts afresh
-    # (the Optuna study and the MLflow run are continued either way)
-    restoring = previous is not None and tune.Tuner.can_restore(str(experiment)) and (
-        is_uri(storage) or any(Path(experiment).glob("experiment_state-*.json")))
     # A Ray that runs already (a cluster, or one the caller started) is checked before anything is written, as
     # preflight's checks are: a refused search leaves no output folder and no FAILED run. A local Ray is started
     # below, while MLflow opens; it is one node, and the CLI has checked that a trial fits it.
@@ -172,6 +173,14 @@ def run_search(
         if previous is None:
             resume.save(out, identity, command)
         else:
+            for line in resume.repair(out, experiment):  # a write cut short by a full disk or a kill
+                log.warning("repaired before resuming: %s", line)
+        # Tuner.can_restore sees only tuner.pkl, which Ray writes before its first experiment state: a driver killed in
+        # between left an experiment that restores with one sample and never reaches the trial count; it starts afresh
+        # (the Optuna study and the MLflow run are continued either way)
+        restoring = previous is not None and tune.Tuner.can_restore(str(experiment)) and (
+            is_uri(storage) or any(Path(experiment).glob("experiment_state-*.json")))
+        if previous is not None:
             log.info("continuing search '%s' in %s (%s)", settings.name, out,
                      "Ray experiment restored" if restoring else "no Ray experiment state yet: trials start afresh")
         info = dataset_info or {}
@@ -591,7 +600,7 @@ def _close_parent(opened, runs, uri: str, seconds: float, interrupted: bool) -> 
             tracking.close_interrupted(c, exp_id, parent_id)
         c.set_terminated(parent_id, "KILLED" if interrupted else "FAILED")
     except Exception as write:  # noqa: BLE001 - any store error: the search's own error follows
-        log.warning("the search's MLflow run was not closed: %s", str(write).splitlines()[0] if str(write) else write)
+        log.warning("the search's MLflow run was not closed: %s", tracking.store_error(write))
 
 
 def _end_leg(c, parent_id: str, seconds: float, errors: list[str]) -> dict:

@@ -332,8 +332,10 @@ class TrialRuns(Callback):
             self._failed(e)
 
     def _failed(self, e: Exception) -> None:
-        log.warning("MLflow write failed: %s", e)
-        self.errors.append(str(e))
+        line = store_error(e)
+        if line not in self.errors:  # once per error: a full disk fails every write the same way
+            log.warning("MLflow write failed: %s", line)
+        self.errors.append(line)
         self.suspect = not is_local_store(self.uri)
 
     def skip(self) -> bool:
@@ -567,6 +569,20 @@ def error_text(trial) -> str:
         return re.sub(r"\x1b\[[0-9;]*m", "", Path(path).read_text()) if path else ""
     except OSError:
         return ""
+
+
+def store_error(e: BaseException) -> str:
+    """One line for a failed store write. SQLAlchemy's errors (under MLflow's SQL stores) span lines, the statement and
+    its parameters included, and may start with an autoflush note: the database's own error is the line to show."""
+    cause, seen = e, set()
+    while cause is not None and id(cause) not in seen:  # MLflow raises its own error from SQLAlchemy's
+        seen.add(id(cause))
+        orig = getattr(cause, "orig", None)  # sqlalchemy.exc.DBAPIError: the driver's, e.g. "database or disk is full"
+        if isinstance(orig, BaseException):
+            return f"{type(orig).__name__}: {orig}".splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def error_line(text: str) -> str:

@@ -218,3 +218,21 @@ def test_bad_input_in_a_real_process(args, fragment, files, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("embsize: error: ") and fragment in lines[0], p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_too_full_for_a_search_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """A search on a nearly full disk died mid-way with Optuna's or Ray's OSError traceback and left its state files
+    cut short. The floor is raised here past any disk's free space; the real check (shutil.disk_usage) runs."""
+    from search import preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(preflight, "FREE_FLOOR", 2**62)
+    code = main(["search", "--rows", "2000"])
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1, captured.err
+    assert err[0].startswith(f"embsize: error: the disk of the output directory '{tmp_path / 'embsize-out'}")
+    assert "MB free, and a search needs at least" in err[0] and "pass --output-dir on another disk" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no output folder, no mlruns/

@@ -422,6 +422,69 @@ def test_ctrl_c_while_ray_starts_says_how_to_continue(tmp_path):
     assert [r.info.status for r in parents] == ["FINISHED"]
 
 
+@pytest.mark.slow
+def test_a_search_whose_state_a_full_disk_cut_short_resumes_to_the_end(tmp_path):
+    """A full disk cuts writes short: Ray's newest experiment state (rewritten in place) and the Optuna journal's last
+    record. The resume then restarted Ray's experiment and stopped after one trial, at every --resume, and Optuna
+    refused the journal once a record was glued to the cut one. Now the resume repairs both and runs to the end.
+    (The cut files are made here; `mount -t tmpfs -o size=...` filled for real gives the same state.)"""
+    trials = 4
+    args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
+            "--no-heuristics", "--name", "full", "--scheduler", "fifo"]
+    ray_tmp = _ray_tmp()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, text=True,
+                             env=_env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.5"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        for line in p.stdout:
+            if FINISHED_LINE.search(line):
+                p.send_signal(signal.SIGINT)
+                break
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130, err[-3000:]
+        out = tmp_path / "embsize-out" / "full"
+        state = max((out / "ray" / "full").glob("experiment_state-*.json"))
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        journal = out / "optuna.journal"
+        journal.write_bytes(journal.read_bytes()[:-40])
+        resumed = _resume(tmp_path, "full", ray_tmp)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "the Optuna journal" in resumed.stderr and "does not load: moved aside" in resumed.stderr
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == trials and (table["outcome"] == "completed").all()
+    _, parents, _ = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "full")
+    assert [r.info.status for r in parents] == ["FINISHED"]
+
+
+def test_a_full_disk_is_named_in_one_line_wherever_it_is_raised():
+    """Ray and Optuna raise OSError ENOSPC; MLflow's SQLite store raises its own error from SQLAlchemy's from sqlite3's
+    "database or disk is full". Each is found behind the error the search ends with."""
+    import errno
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from search.cli import _disk_full
+    from search.tracking import store_error
+
+    oserror = OSError(errno.ENOSPC, "No space left on device")
+    assert _disk_full(oserror) is oserror
+    try:
+        try:
+            full = sqlite3.OperationalError("database or disk is full")
+            raise sqlalchemy.exc.OperationalError("INSERT ...", {}, full)
+        except sqlalchemy.exc.OperationalError as db:
+            raise MlflowException("(raised as a result of Query-invoked autoflush; ...)\n[SQL: ...]") from db
+    except MlflowException as e:
+        assert _disk_full(e) is not None
+        assert store_error(e) == "OperationalError: database or disk is full"
+    assert _disk_full(RuntimeError("trial failed")) is None and _disk_full(OSError(errno.EACCES, "denied")) is None
+
+
 # --- a lost worker node (slow) ---------------------------------------------------------------------------------------
 
 

@@ -154,3 +154,59 @@ def test_fresh_name_skips_names_in_use(tmp_path):
     (tmp_path / "synthetic-20261202-101010").mkdir()
     (tmp_path / "synthetic-20261202-101010-2").mkdir()
     assert _fresh_name(tmp_path, "synthetic-20261202-101010") == "synthetic-20261202-101010-3"
+
+
+def test_repair_drops_journal_records_cut_short_and_keeps_optunas_study_readable(tmp_path):
+    """A full disk cut a journal record short; the next append was glued to it, and Optuna then refused the journal.
+    The repair keeps every whole record (the glued one's too) and the study loads with all its trials."""
+    import optuna
+
+    from search.resume import repair
+
+    path = tmp_path / "optuna.journal"
+
+    def storage():
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="s", storage=storage())
+    for x in (1.0, 2.0):
+        study.enqueue_trial({"x": x})
+        study.optimize(lambda t: t.suggest_float("x", 0, 3), n_trials=1)
+    whole = path.read_bytes()
+    lines = whole.split(b"\n")[:-1]
+    cut = lines[-1][: len(lines[-1]) // 2]  # the last record cut short by the full disk ...
+    path.write_bytes(b"\n".join(lines[:-1]) + b"\n" + cut)
+    assert repair(tmp_path, tmp_path / "no-ray") == [f"the Optuna journal {path}: 1 record(s) cut short dropped"]
+    assert path.read_bytes() == b"\n".join(lines[:-1]) + b"\n"
+    # ... and, cut before the records after it, glued to the next one: Optuna refuses a bad line before the last
+    cut = lines[-2][: len(lines[-2]) // 2]
+    path.write_bytes(b"\n".join(lines[:-2]) + b"\n" + cut + lines[-2] + b"\n" + lines[-1] + b"\n")
+    with pytest.raises(ValueError):
+        optuna.load_study(study_name="s", storage=storage())
+    assert repair(tmp_path, tmp_path / "no-ray") == [f"the Optuna journal {path}: 1 record(s) cut short dropped"]
+    assert path.read_bytes() == whole
+    assert [t.params["x"] for t in optuna.load_study(study_name="s", storage=storage()).trials] == [1.0, 2.0]
+    assert repair(tmp_path, tmp_path / "no-ray") == []  # a whole journal is left as it is
+
+
+def test_repair_moves_a_ray_snapshot_that_does_not_load_aside(tmp_path):
+    import json
+    import pickle
+
+    from search.resume import repair
+
+    for stamp, ok in (("2026-12-01_10-00-00", True), ("2026-12-02_10-00-00", True), ("2026-12-03_10-00-00", False)):
+        state = json.dumps({"trials": [1, 2, 3]}).encode()
+        (tmp_path / f"experiment_state-{stamp}.json").write_bytes(state if ok else state[:7])
+        (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(pickle.dumps({"n": 3}))
+    assert repair(tmp_path / "none", tmp_path) == [
+        f"Ray Tune's state of 2026-12-03_10-00-00 in {tmp_path} does not load: moved aside"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "corrupt-experiment_state-2026-12-03_10-00-00.json", "corrupt-searcher-state-2026-12-03_10-00-00.pkl",
+        "experiment_state-2026-12-01_10-00-00.json", "experiment_state-2026-12-02_10-00-00.json",
+        "searcher-state-2026-12-01_10-00-00.pkl", "searcher-state-2026-12-02_10-00-00.pkl"]
+    (tmp_path / "searcher-state-2026-12-02_10-00-00.pkl").write_bytes(pickle.dumps({"n": 3})[:-3])  # a pickle cut
+    assert repair(tmp_path / "none", tmp_path) == [
+        f"Ray Tune's state of 2026-12-02_10-00-00 in {tmp_path} does not load: moved aside"]
+    assert (tmp_path / "experiment_state-2026-12-01_10-00-00.json").exists()
