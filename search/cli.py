@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -286,7 +287,7 @@ def cmd_search(args) -> int:
                 raise
             raise SearchFailed(
                 f"a disk filled up during search '{name}' ({type(full).__name__}: {str(full).splitlines()[0]}); free "
-                f"some space, then `embsize search --resume {name} --output-dir {out_dir}` continues it") from None
+                f"some space, then `embsize search --resume {name} --output-dir {shlex.quote(str(out_dir))}` continues it") from None
         except (resume.SearchRunning, resume.NameTaken):
             if args.name:
                 raise

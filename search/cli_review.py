@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def cmd_report(args) -> int:
     print()
     journal = result.extra["journal"]
     if journal.is_file():
-        print(f"Optuna study: optuna-dashboard {journal}  (pip install optuna-dashboard)")
+        print(f"Optuna study: optuna-dashboard {shlex.quote(str(journal))}  (pip install optuna-dashboard)")
     if not args.no_log:
         log_report(result, files)
     print(f"report: {out.resolve()}" + ("" if args.no_log else f" (also on MLflow run {result.parent_run_id}, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -279,7 +280,7 @@ def train_recipe(args) -> int:
     print(f"MLflow run {out['run_id']} (experiment {out['experiment_id']}) at {uri}")
     if out["version"] is not None:
         print(f"registered {out['model_uri']}; serve it with: "
-              f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m {out['model_uri']} --env-manager local")
+              f"MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow models serve -m {out['model_uri']} --env-manager local")
     else:
         print(f"model logged as {out['model_uri']}")
     if out["export"]:

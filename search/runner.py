@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -368,7 +369,7 @@ class TrackingUnavailable(RuntimeError):
         super().__init__(
             f"search '{settings.name}' finished and its results are in {result.out}, but MLflow at {uri} did not "
             f"record them ({line[:300]}); once it answers, `embsize search --resume {settings.name} --output-dir "
-            f"{settings.output_dir}` records them without training again"
+            f"{shlex.quote(str(settings.output_dir))}` records them without training again"
         )
 
 
@@ -378,7 +379,7 @@ class SearchInterrupted(KeyboardInterrupt):
     @classmethod
     def of(cls, settings: SearchSettings) -> SearchInterrupted:
         return cls(f"search '{settings.name}' was interrupted; continue it with "
-                   f"`embsize search --resume {settings.name} --output-dir {settings.output_dir}`")
+                   f"`embsize search --resume {settings.name} --output-dir {shlex.quote(str(settings.output_dir))}`")
 
 
 def _restore(experiment: Path, trainable, uri: str, opened, on_event, failures):

@@ -210,3 +210,14 @@ def test_repair_moves_a_ray_snapshot_that_does_not_load_aside(tmp_path):
     assert repair(tmp_path / "none", tmp_path) == [
         f"Ray Tune's state of 2026-12-02_10-00-00 in {tmp_path} does not load: moved aside"]
     assert (tmp_path / "experiment_state-2026-12-01_10-00-00.json").exists()
+
+
+def test_the_resume_command_printed_for_a_folder_with_spaces_can_be_pasted(tmp_path):
+    import shlex
+
+    from search.runner import SearchInterrupted
+
+    out = tmp_path / "my runs ü"
+    message = str(SearchInterrupted.of(replace(SETTINGS, output_dir=str(out))))
+    command = message.split("`")[1]
+    assert shlex.split(command) == ["embsize", "search", "--resume", "s", "--output-dir", str(out)]
