@@ -115,6 +115,33 @@ def _resume(cwd: Path, name: str, ray_tmp: Path, *extra: str) -> subprocess.Comp
                           env=_env(ray_tmp), capture_output=True, text=True, timeout=900)
 
 
+def _finished(cwd: Path, name: str, trials: int, resumed: subprocess.CompletedProcess):
+    """Assert that ``resumed`` (a `--resume NAME` in ``cwd``) ended the search: exit 0, every trial once and completed
+    in trials.csv, the parent run FINISHED in the default store. Returns ``_runs``'s client, parents and children."""
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_csv(cwd / "embsize-out" / name / "trials.csv")
+    assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
+    c, parents, children = _runs(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}", name)
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    return c, parents, children
+
+
+def _stopped(cwd: Path, name: str, trials: int, ray_tmp: Path, sig=signal.SIGINT) -> tuple[int, str]:
+    """`embsize search` of ``trials`` short FIFO trials named NAME in ``cwd``, sent ``sig`` as the first one finishes;
+    its exit code and stderr."""
+    args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
+            "--no-heuristics", "--name", name, "--scheduler", "fifo"]
+    p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd, text=True,
+                         env=_env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.5"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    for line in p.stdout:
+        if FINISHED_LINE.search(line):
+            p.send_signal(sig)
+            break
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
 def _ray_tmp() -> Path:
     # Ray's unix socket paths must stay short: a private dir directly under /tmp, not pytest's deep tmp_path
     return Path(tempfile.mkdtemp(prefix="es-ft-", dir="/tmp"))
@@ -336,20 +363,11 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     """`kill` (docker stop, a job manager) and Ctrl-C stop the search the same way: Tune saves its state, the runs
     are closed KILLED, one line gives the resume command; `--resume NAME` then finishes every trial."""
     trials = 4
-    args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
-            "--no-heuristics", "--name", "stopped", "--scheduler", "fifo"]
     ray_tmp = _ray_tmp()
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     try:
-        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, text=True,
-                             env=_env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.5"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-        for line in p.stdout:
-            if FINISHED_LINE.search(line):
-                p.send_signal(sig)
-                break
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == code, err[-3000:]
+        returncode, err = _stopped(tmp_path, "stopped", trials, ray_tmp, sig)
+        assert returncode == code, err[-3000:]
         assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]  # no C++ abort dump
         # Ray's own resume hint is Python (`Tuner.restore(...)`), not the CLI: only embsize's line says how to go on
         assert "Tuner.restore" not in err and "Failed to fetch metrics" not in err, err[-3000:]
@@ -363,12 +381,8 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c, parents, children = _finished(tmp_path, "stopped", trials, resumed)
     assert "Failed to fetch metrics" not in resumed.stderr, resumed.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "trials.csv")
-    assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
-    c, parents, children = _runs(uri, "stopped")
-    assert [r.info.status for r in parents] == ["FINISHED"]
     # the parent run's wall time is both legs' (the interrupted driver recorded its own), not the resume's alone
     legs = {m.step: m.value for m in c.get_metric_history(parents[0].info.run_id, "leg_wall_seconds")}
     assert sorted(legs) == [0, 1] and min(legs.values()) > 0
@@ -398,7 +412,7 @@ def test_ctrl_c_while_ray_starts_says_how_to_continue(tmp_path):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "2", "--num-cpus", "2", "--no-heuristics",
-            "--name", "early"]
+            "--name", "early", "--scheduler", "fifo"]
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     p = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                        timeout=300)
@@ -415,11 +429,7 @@ def test_ctrl_c_while_ray_starts_says_how_to_continue(tmp_path):
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "embsize-out" / "early" / "trials.csv")
-    assert len(table) == 2 and (table["outcome"] != "failed").all()
-    _, parents, _ = _runs(uri, "early")
-    assert [r.info.status for r in parents] == ["FINISHED"]
+    _finished(tmp_path, "early", 2, resumed)
 
 
 @pytest.mark.slow
@@ -428,20 +438,10 @@ def test_a_search_whose_state_a_full_disk_cut_short_resumes_to_the_end(tmp_path)
     record. The resume then restarted Ray's experiment and stopped after one trial, at every --resume, and Optuna
     refused the journal once a record was glued to the cut one. Now the resume repairs both and runs to the end.
     (The cut files are made here; `mount -t tmpfs -o size=...` filled for real gives the same state.)"""
-    trials = 4
-    args = ["search", "--rows", "3000", "--trials", str(trials), "--max-epochs", "3", "--num-cpus", "2",
-            "--no-heuristics", "--name", "full", "--scheduler", "fifo"]
     ray_tmp = _ray_tmp()
     try:
-        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, text=True,
-                             env=_env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=0.5"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-        for line in p.stdout:
-            if FINISHED_LINE.search(line):
-                p.send_signal(signal.SIGINT)
-                break
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 130, err[-3000:]
+        returncode, err = _stopped(tmp_path, "full", 4, ray_tmp)
+        assert returncode == 130, err[-3000:]
         out = tmp_path / "embsize-out" / "full"
         state = max((out / "ray" / "full").glob("experiment_state-*.json"))
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
@@ -451,12 +451,8 @@ def test_a_search_whose_state_a_full_disk_cut_short_resumes_to_the_end(tmp_path)
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _finished(tmp_path, "full", 4, resumed)
     assert "the Optuna journal" in resumed.stderr and "does not load: moved aside" in resumed.stderr
-    table = pd.read_csv(out / "trials.csv")
-    assert len(table) == trials and (table["outcome"] == "completed").all()
-    _, parents, _ = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "full")
-    assert [r.info.status for r in parents] == ["FINISHED"]
 
 
 def test_a_full_disk_is_named_in_one_line_wherever_it_is_raised():
@@ -584,11 +580,7 @@ def test_driver_killed_before_rays_first_experiment_state_resumes_to_the_end(tmp
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "embsize-out" / "early" / "trials.csv")
-    assert len(table) == 3 and (table["outcome"] == "completed").all()
-    _, parents, children = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "early")
-    assert [r.info.status for r in parents] == ["FINISHED"]
+    _, _, children = _finished(tmp_path, "early", 3, resumed)
     assert sum(r.info.status == "FINISHED" for r in children) == 3
 
 
