@@ -149,7 +149,8 @@ def run_search(
         folders["Ray Tune storage"] = (Path(settings.storage), "--storage-path")
     if uri.startswith("sqlite:///"):
         folders["MLflow store"] = (Path(uri[len("sqlite:///"):]).parent, "--tracking-uri")
-    preflight.check_free_space(folders, space.max_bytes())
+    # configs over --memory-budget are never trained, so never checkpointed
+    preflight.check_free_space(folders, min(space.max_bytes(), settings.memory_budget or space.max_bytes()))
     identity = resume.identity(settings, data, space, uri)
     previous = resume.load(out)
     if previous is not None and fresh:
