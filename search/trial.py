@@ -91,6 +91,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
     emb = sum(embedding_bytes(data.features, model_cfg.dims).values())
     where = {**placement(), "device": trial_device()}  # node IP, Ray node id, and cpu | cuda as Ray assigned
     resume, last = load_checkpoint(tune.get_checkpoint())
+    _sweep_stale_checkpoints()
     start = len(resume["history"]) if resume else 0
     best_epoch = _best_epoch(resume["history"]) if resume else 0
     _inject(faults, start, resumed=start)
@@ -129,7 +130,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         _inject(faults, r.epoch, resumed=start, before_report=True)
         tmp = None
         if final or time.monotonic() - last_checkpoint >= interval:
-            tmp = Path(tempfile.mkdtemp(prefix="embsize-ckpt-"))
+            tmp = Path(tempfile.mkdtemp(prefix=CKPT_PREFIX))
             t0 = time.monotonic()
             # written before training goes on, so the live state needs no copy; the best epoch's weights are left
             # out (only train()'s returned model needs them)
@@ -145,6 +146,25 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
         reporter.raise_if_ended()  # stopped mid-epoch: leave as at a report (SystemExit(0), or the reporting error)
     finally:
         reporter.close()
+
+
+CKPT_PREFIX = "embsize-ckpt-"  # a trial's checkpoint folder, from its epoch's end until Tune has copied it to storage
+STALE_S = 3600.0
+
+
+def _sweep_stale_checkpoints(root: str | None = None, older_than: float = STALE_S) -> int:
+    """Remove checkpoint folders a killed worker left in this node's temporary directory (a `kill -9` of the driver,
+    a lost node: nothing ran the worker's cleanup). A folder lives seconds, so one untouched for an hour is an orphan,
+    whichever search made it. Returns how many were removed."""
+    cutoff, removed = time.time() - older_than, 0
+    for path in Path(root or tempfile.gettempdir()).glob(f"{CKPT_PREFIX}*"):
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
 
 
 class _Reporter:

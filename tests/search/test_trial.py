@@ -62,3 +62,22 @@ def test_a_trial_stopped_mid_epoch_frees_its_actor_for_the_next_trial(tmp_path):
     assert [error for error, _, _ in trials] == [None] * 4, done.stderr[-3000:]  # trials 2-4 ran on a reused actor
     assert [epoch for _, epoch, _ in trials] == [2, 2, 2, 2]
     assert min(seconds for _, _, seconds in trials) > 1.0, trials  # else the scenario does not test the bound
+
+
+def test_checkpoint_folders_a_killed_worker_left_are_swept_after_an_hour(tmp_path):
+    """A trial writes each checkpoint to a folder in the node's temporary directory and removes it once Tune has it;
+    a worker killed in between (kill -9 of the driver, a lost node) left it for good. Each trial start removes the
+    ones untouched for an hour; a folder in use (seconds old) and other programs' folders stay."""
+    import time
+
+    from search.trial import CKPT_PREFIX, STALE_S, _sweep_stale_checkpoints
+
+    old, fresh, other = tmp_path / f"{CKPT_PREFIX}old", tmp_path / f"{CKPT_PREFIX}fresh", tmp_path / "other-old"
+    for folder in (old, fresh, other):
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(b"x" * 100)
+    for folder in (old, other):
+        then = time.time() - STALE_S - 60
+        os.utime(folder, (then, then))
+    assert _sweep_stale_checkpoints(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{CKPT_PREFIX}fresh", "other-old"]
