@@ -287,7 +287,8 @@ def cmd_search(args) -> int:
                 raise
             raise SearchFailed(
                 f"a disk filled up during search '{name}' ({type(full).__name__}: {str(full).splitlines()[0]}); free "
-                f"some space, then `embsize search --resume {name} --output-dir {shlex.quote(str(out_dir))}` continues it") from None
+                f"some space, then `embsize search --resume {name} --output-dir {shlex.quote(str(out_dir))}` "
+                "continues it") from None
         except (resume.SearchRunning, resume.NameTaken):
             if args.name:
                 raise
@@ -301,18 +302,13 @@ def cmd_search(args) -> int:
 
 def _disk_full(e: BaseException | None) -> BaseException | None:
     """The "no space left" error behind ``e``, or None: an OSError ENOSPC/EDQUOT (Ray's and Optuna's file writes) or
-    SQLite's "database or disk is full" (MLflow's store), followed through causes and SQLAlchemy's ``orig``."""
+    SQLite's "database or disk is full" (MLflow's store)."""
     import errno
 
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
-        if "database or disk is full" in str(e):
-            return e
-        e = e.__cause__ or e.__context__ or getattr(e, "orig", None)
-    return None
+    from .tracking import causes
+
+    return next((c for c in causes(e) if (isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT))
+                 or "database or disk is full" in str(c)), None)
 
 
 def _quiet_trial_tracebacks() -> None:

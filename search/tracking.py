@@ -571,16 +571,23 @@ def error_text(trial) -> str:
         return ""
 
 
+def causes(e: BaseException | None):
+    """``e``, then what it was raised from or during, and a SQLAlchemy error's ``orig`` (the database driver's own
+    error): MLflow raises its errors from SQLAlchemy's, and Ray and Optuna re-raise file errors inside their own."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        orig = getattr(e, "orig", None)
+        e = e.__cause__ or e.__context__ or (orig if isinstance(orig, BaseException) else None)
+
+
 def store_error(e: BaseException) -> str:
     """One line for a failed store write. SQLAlchemy's errors (under MLflow's SQL stores) span lines, the statement and
     its parameters included, and may start with an autoflush note: the database's own error is the line to show."""
-    cause, seen = e, set()
-    while cause is not None and id(cause) not in seen:  # MLflow raises its own error from SQLAlchemy's
-        seen.add(id(cause))
-        orig = getattr(cause, "orig", None)  # sqlalchemy.exc.DBAPIError: the driver's, e.g. "database or disk is full"
-        if isinstance(orig, BaseException):
-            return f"{type(orig).__name__}: {orig}".splitlines()[0]
-        cause = cause.__cause__ or cause.__context__
+    db = next((c.orig for c in causes(e) if isinstance(getattr(c, "orig", None), BaseException)), None)
+    if db is not None:  # e.g. sqlite3.OperationalError: database or disk is full
+        return f"{type(db).__name__}: {db}".splitlines()[0]
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
