@@ -345,3 +345,24 @@ def test_cli_budget_note_names_the_baselines_the_budget_keeps_out():
     assert note is not None and note.startswith(f"heuristic baselines over --memory-budget {budget:,} bytes")
     assert len(over) >= 2 and all(f"{HEURISTICS[rule]} ({sizes[rule]:,} bytes)" in note for rule in over)
     assert _budget_note(data, space, max(sizes.values())) is None
+
+
+def test_a_disk_that_fills_up_during_a_search_ends_it_in_one_line_with_the_resume(tmp_path, monkeypatch, capsys):
+    """How the CLI reports a full disk, wherever in the search it is raised (here as Optuna raises it from Tune's
+    searcher, inside Tune's own error); `--resume` after it is tests/search/test_faults.py's."""
+    import errno
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("Tune: the searcher failed") from e
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("search.runner.run_search", full)
+    assert main(["search", "--rows", "500", "--name", "filled", "--output-dir", str(tmp_path / "my runs")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"embsize: error: a disk filled up during search 'filled' (OSError: [Errno 28] No space left on "
+                   f"device); free some space, then `embsize search --resume filled --output-dir "
+                   f"'{tmp_path / 'my runs'}'` continues it"]
