@@ -569,9 +569,11 @@ def entry() -> None:
     """The `embsize` command: ``main``, then an exit a Ctrl-C does not break into."""
     code = main()
     # The command's work is done when main returns: its files are written and its MLflow runs closed. What remains is
-    # Ray's atexit shutdown of the local Ray it started (~3 s), where a Ctrl-C (or SIGTERM, taken as one) printed
-    # "Exception ignored in atexit callback" with a traceback, or ended a finished search with status 130.
+    # Ray's atexit shutdown of the local Ray it started (~3 s), where a Ctrl-C printed "Exception ignored in atexit
+    # callback" with a traceback, or ended a finished search with status 130. SIGTERM ends the process at once again
+    # (Ray's processes share its fate), so a shutdown that hangs can still be stopped with `kill`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.exit(code)
 
 
