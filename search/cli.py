@@ -281,14 +281,6 @@ def cmd_search(args) -> int:
         except TrackingUnavailable as e:  # the result is in the files: shown, then the search fails for MLflow
             _print_result(e.result)
             raise SearchFailed(str(e)) from None
-        except Exception as e:
-            full = _disk_full(e)
-            if full is None:
-                raise
-            raise SearchFailed(
-                f"a disk filled up during search '{name}' ({type(full).__name__}: {str(full).splitlines()[0]}); free "
-                f"some space, then `embsize search --resume {name} --output-dir {shlex.quote(str(out_dir))}` "
-                "continues it") from None
         except (resume.SearchRunning, resume.NameTaken):
             if args.name:
                 raise
@@ -296,6 +288,14 @@ def cmd_search(args) -> int:
             taken, name = name, _fresh_name(out_dir, dated)
             settings = dataclasses.replace(settings, name=name)
             print(f"search name '{taken}' was taken by a search started at the same moment; this one is '{name}'")
+        except Exception as e:  # after the clauses above: a full disk, found behind whatever Ray raised
+            full = _disk_full(e)
+            if full is None:
+                raise
+            raise SearchFailed(
+                f"a disk filled up during search '{name}' ({type(full).__name__}: {str(full).splitlines()[0]}); free "
+                f"some space, then `embsize search --resume {name} --output-dir {shlex.quote(str(out_dir))}` "
+                "continues it") from None
     _print_result(result)
     return 0
 
