@@ -121,6 +121,8 @@ def test_training_copies_bound_the_measured_peak_of_a_training_run(sparse, keep_
     out = subprocess.run([sys.executable, "-c", PEAK, "sparse" if sparse else "dense", "keep" if keep_best else "no"],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
     grown = float(out.stdout.split()[-1])  # peak RSS growth over the parameter bytes (~40 MB of them)
-    # the allocator moves the peak by about a copy from run to run (sparse: 3.7-5.6x); the estimate must stay near it,
-    # neither refusing runs that fit by far nor passing ones that need much more
-    assert training_copies(keep_best) - 3 < grown <= training_copies(keep_best) + 1
+    # the allocator moves the peak by up to a copy and a half from run to run: dense without the best copy measured
+    # 4.63, 6.17, 4.63, 6.16x in four runs, with it 6.64, 6.61, 6.67, 8.29x (2026-12-03; sparse: 3.7-5.6x), and CI
+    # once failed a bound of +1 at 6.18x. The estimate must stay near it, neither refusing runs that fit by far nor
+    # passing ones that need much more
+    assert training_copies(keep_best) - 3 < grown <= training_copies(keep_best) + 1.5
