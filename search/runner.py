@@ -172,17 +172,17 @@ def run_search(
     with resume.claimed(out, settings.name):
         if fresh and resume.load(out) is not None:  # written between the check above and the claim
             raise resume.NameTaken(f"search name '{settings.name}' is taken in '{out.parent}'")
+        restoring = False
         if previous is None:
             resume.save(out, identity, command)
         else:
             for line in resume.repair(out, experiment):  # a write cut short by a full disk or a kill
                 log.warning("repaired before resuming: %s", line)
-        # Tuner.can_restore sees only tuner.pkl, which Ray writes before its first experiment state: a driver killed in
-        # between left an experiment that restores with one sample and never reaches the trial count; it starts afresh
-        # (the Optuna study and the MLflow run are continued either way)
-        restoring = previous is not None and tune.Tuner.can_restore(str(experiment)) and (
-            is_uri(storage) or any(Path(experiment).glob("experiment_state-*.json")))
-        if previous is not None:
+            # Tuner.can_restore sees only tuner.pkl, which Ray writes before its first experiment state: a driver
+            # killed in between left an experiment that restores with one sample and never reaches the trial count; it
+            # starts afresh (the Optuna study and the MLflow run are continued either way)
+            restoring = tune.Tuner.can_restore(str(experiment)) and (
+                is_uri(storage) or any(Path(experiment).glob("experiment_state-*.json")))
             log.info("continuing search '%s' in %s (%s)", settings.name, out,
                      "Ray experiment restored" if restoring else "no Ray experiment state yet: trials start afresh")
         info = dataset_info or {}
@@ -584,17 +584,15 @@ def _close_parent(opened, runs, uri: str, seconds: float, interrupted: bool) -> 
     it), the trial runs Ray stopped closed KILLED (reopened on resume), the parent closed KILLED or FAILED.
 
     Best effort: the search's own error is the one the user must see, so a failed write is a warning. A remote store
-    that is down is asked once (preflight's 5 s check) instead of being written to: each write would wait out MLflow's
-    retries (~4 minutes by default) and then replace the search's error with MLflow's traceback. The parent run then
-    stays RUNNING; ``--resume`` takes it up again.
+    is asked first (preflight's 5 s check; it answers the trial-run writer's doubts too) instead of being written to
+    while down: each write would wait out MLflow's retries (~4 minutes by default) and then replace the search's error
+    with MLflow's traceback. The parent run then stays RUNNING; ``--resume`` takes it up again.
     """
     from . import tracking
     from .preflight import check_tracking
 
     try:
         c, exp_id, parent_id = opened.result()
-        if runs is not None and runs.skip():
-            raise runs.down
         if not tracking.is_local_store(uri):
             check_tracking(uri)
         _end_leg(c, parent_id, seconds, runs.errors if runs is not None else [])

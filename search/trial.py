@@ -28,6 +28,7 @@ the fault tests exercise the real failure paths of Ray, Optuna and MLflow.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -91,7 +92,7 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
     emb = sum(embedding_bytes(data.features, model_cfg.dims).values())
     where = {**placement(), "device": trial_device()}  # node IP, Ray node id, and cpu | cuda as Ray assigned
     resume, last = load_checkpoint(tune.get_checkpoint())
-    _sweep_stale_checkpoints()
+    _sweep_once()
     start = len(resume["history"]) if resume else 0
     best_epoch = _best_epoch(resume["history"]) if resume else 0
     _inject(faults, start, resumed=start)
@@ -165,6 +166,12 @@ def _sweep_stale_checkpoints(root: str | None = None, older_than: float = STALE_
         except OSError:  # gone meanwhile, or not ours to remove
             continue
     return removed
+
+
+@functools.cache
+def _sweep_once() -> None:
+    """The sweep, once per worker process: a reused actor runs many trials, and the orphans are an hour old anyway."""
+    _sweep_stale_checkpoints()
 
 
 class _Reporter:
