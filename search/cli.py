@@ -432,16 +432,14 @@ class _Progress:
 
 
 def _print_result(result) -> None:
-    from .report import front_frame
+    from .report import front_table, trial_label
 
-    frame = front_frame(result)
-    cols = ["label", "on_front", "recommended", "best_val_auc", "model_bytes"] + [c for c in frame if c.startswith("dim.")]
     print()
     print("Pareto front and heuristic baselines (validation AUC, fp32 model bytes):")
-    print(frame[cols].to_string(index=False))
+    print(front_table(result).to_string(index=False))
     print()
     rec = result.recommended
-    print(f"recommended: trial {rec['trial_id']}  val AUC {rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}")
+    print(f"recommended: {trial_label(rec)}  val AUC {rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}")
     print("  dims: " + ", ".join(f"{k}={v}" for k, v in rec["dims"].items()))
     print(f"hypervolume {result.hypervolume:.5f} (reference AUC {result.reference[0]}, bytes {result.reference[1]:,.0f})")
     legs = result.extra.get("legs", 1)

@@ -20,10 +20,18 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     for r in records:
         row = {k: r[k] for k in ("trial_id", "heuristic", "outcome", "best_val_auc", "model_bytes", "embedding_bytes",
                                  "epochs", "ended", "run_id", "error")}
+        row["run_name"] = r.get("run_name", "")
         row["on_front"] = bool(r.get("on_front", False))
         row.update({f"dim.{k}": v for k, v in r["dims"].items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def trial_label(record: dict) -> str:
+    """How a trial is named to people: its MLflow run's name (trial-007, as the UI lists it) and Ray's trial id, or
+    Ray's id alone while the run has no name (its first write has not landed)."""
+    name = record.get("run_name")
+    return f"{name} (Ray trial {record['trial_id']})" if name else f"trial {record['trial_id']}"
 
 
 def front_frame(result) -> pd.DataFrame:
@@ -44,6 +52,7 @@ def front_frame(result) -> pd.DataFrame:
                 "outcome": r["outcome"],
                 **{f"dim.{k}": v for k, v in r["dims"].items()},
                 "trial_id": r["trial_id"],
+                "run_name": r.get("run_name", ""),
             }
         )
     return pd.DataFrame(rows).sort_values("model_bytes", kind="stable").reset_index(drop=True)
@@ -100,10 +109,12 @@ REPORT_ARTIFACTS = "report"  # folder of the parent run's artifacts that holds t
 
 
 def front_table(result) -> pd.DataFrame:
-    """``front_frame`` with the columns people read: label, flags, AUC, bytes, dims."""
+    """``front_frame`` with the columns people read: label, flags, AUC, bytes, dims, and the trial's MLflow run name
+    (trial-007, as the UI lists it; Ray's trial id where a run has none: its writes failed)."""
     frame = front_frame(result)
     cols = ["label", "on_front", "recommended", "best_val_auc", "model_bytes"] + [c for c in frame if c.startswith("dim.")]
-    return frame[cols + ["trial_id"]]
+    frame["run"] = frame["run_name"].where(frame["run_name"].astype(bool), frame["trial_id"])
+    return frame[cols + ["run"]]
 
 
 def report_text(result, sensitivity: pd.DataFrame | None = None, sensitivity_source: str = "") -> str:
@@ -123,7 +134,7 @@ def report_text(result, sensitivity: pd.DataFrame | None = None, sensitivity_sou
         "",
     ]
     rec = result.recommended
-    lines.append(f"recommended{' (' + rule + ')' if rule else ''}: trial {rec['trial_id']}  val AUC "
+    lines.append(f"recommended{' (' + rule + ')' if rule else ''}: {trial_label(rec)}  val AUC "
                  f"{rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}")
     lines.append("  dims: " + ", ".join(f"{k}={v}" for k, v in rec["dims"].items()))
     ref = result.reference

@@ -184,6 +184,7 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict | None
         "dims": dims,
         "config": config,
         "run_id": run.info.run_id,
+        "run_name": run.info.run_name or "",
         "error": tags.get("error", ""),
         "on_front": False,
         "epoch_seconds": float(metrics.get("epoch_seconds", math.nan)),  # the last epoch's training time

@@ -257,16 +257,17 @@ def run_search(
             # The trials are done: the result files are written whether or not MLflow answers now. A tracking server
             # that is down at the end fails the search only after them (TrackingUnavailable), and a resume records
             # the result once it is back; no MLflow write is tried again meanwhile (each waits out MLflow's retries).
-            run_ids, down = {}, None
+            run_ids, names, down = {}, {}, None
             if runs.skip():  # the writer found the server down, and it still is: no wait for MLflow's retries
                 down = runs.down
             else:
                 try:
-                    run_ids = {r.data.tags.get("trial_id"): r.info.run_id
-                               for r in tracking.child_runs(c, exp_id, parent_id)}
+                    children = tracking.child_runs(c, exp_id, parent_id)
+                    run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
+                    names = {r.data.tags.get("trial_id"): r.info.run_name for r in children}
                 except Exception as e:  # noqa: BLE001 - any store error: the ids the writer thread saw are enough
                     down = e
-            records = _records(grid, space, {**run_ids, **runs.runs})
+            records = _records(grid, space, {**run_ids, **runs.runs}, names)
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
             result.seconds = time.perf_counter() - started
@@ -445,7 +446,7 @@ def _open_parent(
     return c, exp_id, parent_id
 
 
-def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
+def _records(grid, space: SearchSpace, run_ids: dict[str, str], names: dict[str, str]) -> list[dict]:
     from .tracking import trial_outcome
 
     records = []
@@ -467,6 +468,7 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str]) -> list[dict]:
                 "dims": dict(model_cfg.dims),
                 "config": {k: v for k, v in config.items()},
                 "run_id": run_ids.get(metrics.get("trial_id", ""), ""),
+                "run_name": names.get(metrics.get("trial_id", ""), ""),
                 "error": error[-1].strip() if error else "",  # the exception line, after Ray's traceback
             }
         )

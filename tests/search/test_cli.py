@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from search.cli import main
 
@@ -61,6 +62,15 @@ def test_cli_search_end_to_end(tmp_path):
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the embedded default store
     front = pd.read_csv(out / "front.csv")
     assert front["recommended"].sum() == 1
+    # the pick is named as the MLflow UI lists its run, with Ray's trial id; the front's rows by their runs' names
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (pick,) = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.recommended = 'true'")
+    assert f"recommended: {pick.info.run_name} (Ray trial {pick.data.tags['trial_id']})  val AUC" in p.stdout
+    names = {r.data.tags["trial_id"]: r.info.run_name
+             for r in c.search_runs([pick.info.experiment_id], "tags.trial_id != ''")}
+    assert front["run_name"].tolist() == [names[t] for t in front["trial_id"]]
+    table = p.stdout.split("Pareto front and heuristic baselines")[1].split("recommended:")[0].strip().splitlines()
+    assert table[1].split()[-1] == "run" and [ln.split()[-1] for ln in table[2:]] == front["run_name"].tolist()
 
 
 def test_cli_multi_column_joins_the_features(tmp_path):

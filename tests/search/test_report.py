@@ -81,7 +81,7 @@ def test_review_reproduces_the_runners_records(searched, reviewed):
     mine = {r["trial_id"]: r for r in result.trials}
     for rec in reviewed.trials:
         ran = mine[rec["trial_id"]]
-        for key in ("outcome", "heuristic", "model_bytes", "embedding_bytes", "epochs", "dims", "run_id"):
+        for key in ("outcome", "heuristic", "model_bytes", "embedding_bytes", "epochs", "dims", "run_id", "run_name"):
             assert rec[key] == ran[key], key
         assert math.isclose(rec["best_val_auc"], ran["best_val_auc"])
     assert [r["trial_id"] for r in reviewed.front] == [r["trial_id"] for r in result.front]
@@ -109,7 +109,8 @@ def test_report_cli_prints_the_numbers_and_uploads_the_folder(searched, reviewed
     text = capsys.readouterr().out
     assert f"hypervolume {reviewed.hypervolume:.5f}" in text
     rec = reviewed.recommended
-    assert f"trial {rec['trial_id']}  val AUC {rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}" in text
+    assert (f"recommended (epsilon=0.002): {rec['run_name']} (Ray trial {rec['trial_id']})  val AUC "
+            f"{rec['best_val_auc']:.4f}  model bytes {rec['model_bytes']:,}") in text
     for r in reviewed.front:
         assert f"{round(r['best_val_auc'], 5):.5f}" in text and str(r["model_bytes"]) in text
     assert "n^0.25" in text and "MDE power-law" in text  # the baselines beside the front
