@@ -12,6 +12,7 @@ training, unseen values score with the unknown bucket. The input example logged 
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from importlib import metadata
@@ -66,21 +67,29 @@ def log_model(
     from mlflow.types import ColSpec, Schema
 
     signature = ModelSignature(outputs=Schema([ColSpec("float", "score")]))
-    with tempfile.TemporaryDirectory() as tmp:
-        code = _package_copy(Path(tmp))
-        script = Path(tmp) / "embsize_model.py"
-        script.write_text(_SCRIPT)
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(script),
-            artifacts={ARTIFACT: str(Path(export_dir).resolve())},
-            code_paths=[str(code)],
-            signature=signature,
-            input_example=json_safe(input_example),
-            pip_requirements=requirements(),
-            metadata=metadata,
-            registered_model_name=registered_model_name,
-        )
+    # MLflow says "Validating input example against model signature" at INFO, in a format of its own, among the
+    # CLI's lines; its warnings (an example that does not fit the signature) still show
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(max(pyfunc_log.getEffectiveLevel(), logging.WARNING))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            code = _package_copy(Path(tmp))
+            script = Path(tmp) / "embsize_model.py"
+            script.write_text(_SCRIPT)
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(script),
+                artifacts={ARTIFACT: str(Path(export_dir).resolve())},
+                code_paths=[str(code)],
+                signature=signature,
+                input_example=json_safe(input_example),
+                pip_requirements=requirements(),
+                metadata=metadata,
+                registered_model_name=registered_model_name,
+            )
+    finally:
+        pyfunc_log.setLevel(level)
 
 
 def json_safe(frame: pd.DataFrame) -> pd.DataFrame:

@@ -80,3 +80,28 @@ def test_requirements_pin_the_installed_versions():
     reqs = requirements()
     assert f"pandas=={metadata.version('pandas')}" in reqs
     assert any(r.startswith("torch==") and "+" not in r for r in reqs)
+
+
+def test_log_model_says_nothing_at_info_and_leaves_mlflows_logging_as_it_was(registered, tmp_path):
+    """MLflow's "Validating input example against model signature" INFO line, in a format of its own, came out among
+    `embsize train --config`'s lines."""
+    import logging
+
+    raw, data, model, _, _ = registered
+    export = save_model(tmp_path / "export", model, data.encoder,
+                        Recipe(data.features, ModelConfig({"user_id": 4, "occupation": 2, "genres": 3}, (8,)),
+                               TrainConfig()))
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    pyfunc_log.addHandler(handler)
+    before = pyfunc_log.level
+    try:
+        assert pyfunc_log.isEnabledFor(logging.INFO)  # MLflow's default: the line would be said
+        with mlflow.start_run(experiment_id=mlflow.set_experiment("serving-quiet").experiment_id):
+            log_model(export, raw.frame.head(3))
+    finally:
+        pyfunc_log.removeHandler(handler)
+    assert [r.getMessage() for r in seen if r.levelno < logging.WARNING] == []
+    assert pyfunc_log.level == before
