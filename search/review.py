@@ -24,7 +24,8 @@ from pipelines.model import ModelConfig
 
 from .recommend import conclude
 from .runner import SearchResult
-from .space import DIM_PREFIX, hidden_layers
+from .space import DIM_PREFIX, config_from_params, hidden_layers
+from .tracking import OUTCOMES
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def unfinished_note(result: SearchResult) -> str | None:
     status = result.extra.get("status", "FINISHED")
     if status == "FINISHED":
         return None
-    done = sum(r["outcome"] in ("completed", "stopped_early", "failed") for r in result.trials)
+    done = sum(r["outcome"] in OUTCOMES for r in result.trials)
     asked = result.extra["params"].get("search.trials", "?")
     what = {"RUNNING": "is still running (or its driver was killed)", "KILLED": "was interrupted",
             "FAILED": "ended with an error"}.get(status, f"is {status}")
@@ -165,7 +166,7 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict | None
     """The trial run as a record, or None for a run without params (its params write never landed: every trial
     has some, at least the knobs the search varies) or whose dims are neither params nor pinned."""
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    config = {k: _typed(k, v) for k, v in params.items()}
+    config = config_from_params(params)
     dims = {f.name: config.get(DIM_PREFIX + f.name, fixed.pins.get(f.name)) for f in features}
     if not params or any(d is None for d in dims.values()):
         return None
@@ -189,14 +190,6 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict | None
         "on_front": False,
         "epoch_seconds": float(metrics.get("epoch_seconds", math.nan)),  # the last epoch's training time
     }
-
-
-def _typed(key: str, value: str):
-    if key.startswith(DIM_PREFIX) or key == "hidden":
-        return int(float(value))
-    if key in ("lr", "dropout"):
-        return float(value)
-    return value
 
 
 def _settings(params: dict) -> dict:

@@ -257,7 +257,7 @@ def run_search(
             # The trials are done: the result files are written whether or not MLflow answers now. A tracking server
             # that is down at the end fails the search only after them (TrackingUnavailable), and a resume records
             # the result once it is back; no MLflow write is tried again meanwhile (each waits out MLflow's retries).
-            run_ids, names, down = {}, {}, None
+            children, run_ids, names, down = [], {}, {}, None
             if runs.skip():  # the writer found the server down, and it still is: no wait for MLflow's retries
                 down = runs.down
             else:
@@ -268,6 +268,7 @@ def run_search(
                 except Exception as e:  # noqa: BLE001 - any store error: the ids the writer thread saw are enough
                     down = e
             records = _records(grid, space, {**run_ids, **runs.runs}, names)
+            records += _unsaved_records(children, {r["trial_id"] for r in records}, space, data)
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
             result.seconds = time.perf_counter() - started
@@ -470,6 +471,50 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str], names: dict[str,
                 "run_id": run_ids.get(metrics.get("trial_id", ""), ""),
                 "run_name": names.get(metrics.get("trial_id", ""), ""),
                 "error": error[-1].strip() if error else "",  # the exception line, after Ray's traceback
+            }
+        )
+    return records
+
+
+def _unsaved_records(children: list, known: set[str], space: SearchSpace, data: EncodedDataset) -> list[dict]:
+    """Records of trial runs that ended (their outcome is tagged) in a trial Ray's saved experiment does not hold.
+
+    Ray saves its experiment state every ~10 s: a trial that started and ended after the last save of a driver
+    killed with ``kill -9`` was trained, closed in MLflow and told to the Optuna study, and the resumed Ray never
+    heard of it (it samples one more trial in its place). It is one of the search's trials all the same, as
+    ``embsize report``, which reads MLflow, counts it: without it the search's front and pick could differ from the
+    report's. (Runs of trials that never ended are closed KILLED and counted as ``trials_interrupted``.)
+    """
+    from pipelines.memory import embedding_bytes
+
+    from .space import config_from_params
+    from .tracking import OUTCOMES
+
+    records = []
+    for run in children:
+        tags, metrics = run.data.tags, run.data.metrics
+        # "interrupted": a trial the killed driver left running, closed KILLED at the resume's start
+        if tags.get("trial_id") in known or tags.get("outcome") not in OUTCOMES or not run.data.params:
+            continue
+        config = config_from_params(run.data.params)
+        model_cfg, _ = space.decode(config)
+        log.info("trial %s ended after Ray's last saved state; counted from its MLflow run %s", tags["trial_id"],
+                 run.info.run_name)
+        records.append(
+            {
+                "trial_id": tags["trial_id"],
+                "heuristic": tags.get("heuristic", ""),
+                "outcome": tags["outcome"],
+                "best_val_auc": float(metrics.get("best_val_auc", math.nan)),
+                "model_bytes": int(space.bytes(config)),
+                "embedding_bytes": int(sum(embedding_bytes(data.features, model_cfg.dims).values())),
+                "epochs": int(metrics.get("epochs_trained", 0)),
+                "ended": tags.get("ended", ""),
+                "dims": dict(model_cfg.dims),
+                "config": config,
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name or "",
+                "error": tags.get("error", ""),
             }
         )
     return records

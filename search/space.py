@@ -48,6 +48,19 @@ _RANGE_KEYS = ("low", "high")
 BASELINE_KNOBS = {"lr": TrainConfig.lr, "hidden": ModelConfig.hidden[0], "dropout": ModelConfig.dropout}
 
 
+def config_from_params(params: Mapping[str, str]) -> dict:
+    """A trial config back from its MLflow run's params (strings): dims and ``hidden`` as ints, ``lr`` and
+    ``dropout`` as floats, anything else (a baseline's ``heuristic``) as it is."""
+    def typed(key: str, value: str):
+        if key.startswith(DIM_PREFIX) or key == "hidden":
+            return int(float(value))
+        if key in ("lr", "dropout"):
+            return float(value)
+        return value
+
+    return {k: typed(k, v) for k, v in params.items()}
+
+
 @dataclass(frozen=True)
 class Range:
     """A searched float knob: sampled in [low, high] (inclusive)."""

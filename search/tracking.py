@@ -201,6 +201,9 @@ def close_interrupted(c, experiment_id: str, parent_run_id: str) -> int:
     return closed
 
 
+OUTCOMES = ("completed", "stopped_early", "failed")  # how a trial ends (``trial_outcome``); "interrupted" it did not
+
+
 def trial_outcome(result: dict | None, error: bool) -> str:
     """How a trial ended: completed (own budget or convergence), stopped_early (by the scheduler), or failed."""
     if error:

@@ -447,11 +447,17 @@ def test_a_search_whose_state_a_full_disk_cut_short_resumes_to_the_end(tmp_path)
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
         journal = out / "optuna.journal"
         journal.write_bytes(journal.read_bytes()[:-40])
+        # the trials that ended before the stop: Ray's snapshot that held them does not load, so Ray starts its four
+        # afresh, and these count beside them from their MLflow runs (as `embsize report` counts them)
+        _, _, children = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "full")
+        ended = {r.data.tags["trial_id"] for r in children if r.data.tags.get("outcome") == "completed"}
+        assert ended
         resumed = _resume(tmp_path, "full", ray_tmp)
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    _finished(tmp_path, "full", 4, resumed)
+    _finished(tmp_path, "full", 4 + len(ended), resumed)
+    assert ended <= set(pd.read_csv(out / "trials.csv")["trial_id"])
     assert "the Optuna journal" in resumed.stderr and "does not load: moved aside" in resumed.stderr
 
 
@@ -690,3 +696,50 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
         assert parent.data.tags["recommended_trial"] == first.recommended["trial_id"]
         assert parent.data.tags["recommended_run_id"] == first.recommended["run_id"]
         assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"recommended.yaml", "front.csv"}
+
+
+@pytest.mark.slow
+def test_a_trial_that_ended_after_rays_last_save_counts_in_the_resumed_search(ray_session, tiny, tmp_path,
+                                                                              tracking_uri):
+    """Ray saves its experiment state every ~10 s. A driver killed with `kill -9` seconds after a trial started and
+    ended left that trial trained, closed FINISHED in MLflow and COMPLETE in the Optuna study, and the resumed Ray
+    never heard of it. The resumed search's trials.csv, front and pick left it out, while `embsize report` (which
+    reads MLflow) counted it: the two could recommend different trials. Here such a run is made by hand, the best of
+    the search, and the search resumed."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from search.review import load_review
+    from search.runner import SearchSettings, run_search
+    from search.space import SearchSpec, build_space
+
+    space = build_space(tiny.features, SearchSpec(max_dim=8))
+    settings = SearchSettings(name="late", trials=3, max_epochs=2, patience=0, scheduler="fifo", heuristics=False,
+                              tracking_uri=tracking_uri, output_dir=str(tmp_path / "out"))
+    first = run_search(tiny, space, settings)
+    c = MlflowClient(tracking_uri)
+    like = next(r for r in first.trials if r["outcome"] == "completed")
+    source = c.get_run(like["run_id"])
+    late = c.create_run(source.info.experiment_id, run_name="trial-004", tags={
+        "mlflow.parentRunId": first.parent_run_id, "trial_id": "late0001", "outcome": "completed",
+        "ended": "max_epochs", "on_front": "false", "recommended": "false"}).info.run_id
+    best = max(r["best_val_auc"] for r in first.trials) + 0.01
+    c.log_batch(late, params=[Param(k, v) for k, v in source.data.params.items()],
+                metrics=[Metric("best_val_auc", best, 0, 2), Metric("model_bytes", like["model_bytes"], 0, 2),
+                         Metric("epochs_trained", 2, 0, 0)])
+    c.set_terminated(late, "FINISHED")
+    assert load_review(first.parent_run_id, tracking_uri).recommended["trial_id"] == "late0001"  # what report says
+
+    events = []
+    second = run_search(tiny, space, settings, on_event=lambda kind, trial, result: events.append(kind))
+    assert "result" not in events  # nothing trained again
+    assert (second.recommended["trial_id"], second.recommended["run_name"]) == ("late0001", "trial-004")
+    assert second.recommended["dims"] == like["dims"] and second.recommended["model_bytes"] == like["model_bytes"]
+    table = pd.read_csv(tmp_path / "out" / "late" / "trials.csv")
+    assert sorted(table["trial_id"]) == sorted([r["trial_id"] for r in first.trials] + ["late0001"])
+    reviewed = load_review(second.parent_run_id, tracking_uri)
+    assert sorted(r["trial_id"] for r in reviewed.trials) == sorted(r["trial_id"] for r in second.trials)
+    assert [r["trial_id"] for r in reviewed.front] == [r["trial_id"] for r in second.front]
+    parent = c.get_run(first.parent_run_id)
+    assert parent.data.tags["recommended_trial"] == "late0001" and parent.data.metrics["trials_interrupted"] == 0
+    assert c.get_run(late).data.tags["recommended"] == "true"
