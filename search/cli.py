@@ -263,15 +263,15 @@ def cmd_search(args) -> int:
     print(data.summary())
     if previous is not None:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
-    print(f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
-          f"{args.scheduler}; outputs -> {settings.out}")
     note = _budget_note(data, space, budget) if budget is not None and not args.no_heuristics else None
-    if note:
-        print(note)
     if not args.verbose:
         _quiet_trial_tracebacks()
     while True:
-        progress = _Progress(args.trials)
+        # said once run_search's checks (tracking store, Ray cluster, storage, free space) have passed: a refused
+        # search names no outputs, and a dated name taken at the last moment is said as the one used
+        header = [f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
+                  f"{args.scheduler}; outputs -> {settings.out}"] + ([note] if note else [])
+        progress = _Progress(args.trials, header)
         command = _command(args, name, out_dir, uri)
         try:
             result = run_search(data, space, settings, info, on_event=progress, command=command, fresh=not args.name)
@@ -399,13 +399,16 @@ def _spec_overrides(spec, args):
 class _Progress:
     """Live progress line per finished trial: counts, best AUC so far, front size."""
 
-    def __init__(self, trials: int):
-        self.trials = trials
+    def __init__(self, trials: int, header: list[str] = ()):
+        self.trials, self.header = trials, list(header)
         self.counts = {"completed": 0, "stopped_early": 0, "failed": 0}
         self.running: set[str] = set()
         self.points: list[tuple[float, int]] = []
 
     def __call__(self, kind: str, trial, result) -> None:
+        if kind == "begin":  # run_search's checks have passed
+            print("\n".join(self.header), flush=True)
+            return
         if kind == "start":
             self.running.add(trial.trial_id)
             return

@@ -123,6 +123,8 @@ def run_search(
     if OUT/NAME holds one (the CLI's dated default names, which a search started in the same second may take).
     Before anything is written or launched, the tracking store and the Ray address must answer (search/preflight.py);
     a ``ValueError`` names what is wrong; ``resume.SearchRunning`` if another process runs this search now.
+    ``on_event(kind, trial, result)``: "begin" (trial and result None) once those checks have passed, then each
+    trial's "start", per-epoch "result", "retried", and how it ended ("completed", "stopped_early", "failed").
     """
     import optuna
     import ray
@@ -172,6 +174,8 @@ def run_search(
     with resume.claimed(out, settings.name):
         if fresh and resume.load(out) is not None:  # written between the check above and the claim
             raise resume.NameTaken(f"search name '{settings.name}' is taken in '{out.parent}'")
+        if on_event is not None:  # the checks have passed and the search is this driver's: it begins
+            on_event("begin", None, None)
         restoring = False
         if previous is None:
             resume.save(out, identity, command)

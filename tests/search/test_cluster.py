@@ -193,6 +193,7 @@ def test_cluster_search_refuses_a_local_tracking_store(cluster, tmp_path):
     # refused before anything was written: no trial output, no search folder, no store
     assert not (tmp_path / "shared").exists() and not (tmp_path / "embsize-out").exists()
     assert not (tmp_path / "m.db").exists()
+    assert "outputs ->" not in done.stdout  # nor a line announcing outputs (it came before the refusal)
 
 
 @pytest.mark.slow
@@ -213,3 +214,4 @@ def test_cluster_search_refuses_the_default_local_storage(cluster, tmp_path):
     assert "is the default local folder, but the Ray cluster has 2 nodes" in last and "--storage-path" in last
     assert not (tmp_path / "embsize-out").exists()  # no search folder (search.json) ...
     assert runs() == before  # ... and no FAILED parent run in the server
+    assert "outputs ->" not in done.stdout
