@@ -129,15 +129,15 @@ def cmd_confirm(args) -> int:
     files = write_confirmation(result, conf, data, out)
     log_confirmation(result, conf, files)
     cols = ["label", "recommended", "confirmed", "challenger", "model_bytes", "single_seed_auc", "mean_auc", "sd_auc"]
-    print(conf.table[cols + [c for c in conf.table if c.startswith("dim.")] + ["trial_id"]].to_string(index=False))
+    print(conf.table[cols + [c for c in conf.table if c.startswith("dim.")] + ["run"]].to_string(index=False))
     rec, new = conf.row(conf.recommended), conf.row(conf.confirmed)
     print()
-    print(f"search's recommendation {conf.recommended}: single seed {rec['single_seed_auc']:.4f}, over "
+    print(f"search's recommendation {_named(conf, conf.recommended)}: single seed {rec['single_seed_auc']:.4f}, over "
           f"{len(conf.seeds)} seeds {rec['mean_auc']:.4f} ± {rec['sd_auc']:.4f}")
-    print(f"confirmed recommendation {conf.confirmed}: {new['mean_auc']:.4f} ± {new['sd_auc']:.4f}, model bytes "
+    print(f"confirmed recommendation {_named(conf, conf.confirmed)}: {new['mean_auc']:.4f} ± {new['sd_auc']:.4f}, model bytes "
           f"{int(new['model_bytes']):,}  [{conf.verdict}]")
     if conf.seed_luck:
-        print(f"WARNING: the search's recommendation wins only by seed luck: {', '.join(conf.challengers)} beat(s) it "
+        print(f"WARNING: the search's recommendation wins only by seed luck: {', '.join(_named(conf, i) for i in conf.challengers)} beat(s) it "
               "on mean AUC by more than the noise")
     print(f"confirmed config: {files['confirmed.yaml'].resolve()} (also on MLflow run {result.parent_run_id}, "
           f"artifacts confirm/); {conf.seconds:.0f} s")
@@ -146,11 +146,18 @@ def cmd_confirm(args) -> int:
     return 0
 
 
+def _named(conf, trial_id: str) -> str:
+    """A candidate as the search's output names it: its MLflow run's name and Ray's trial id (the id alone for a
+    run with no name)."""
+    run = conf.row(trial_id)["run"]
+    return f"{run} (Ray trial {trial_id})" if run != trial_id else trial_id
+
+
 def _refine(result, conf, data, settings, searched: list[str], tolerance, out: Path) -> None:
     from .refine import log_refinement, refine, write_refinement
 
     fresh = [s + settings.seeds for s in settings.seed_list]
-    print(f"\nrefining {conf.confirmed}: halving each of {', '.join(searched) or '(no searched dims)'} while the mean "
+    print(f"\nrefining {_named(conf, conf.confirmed)}: halving each of {', '.join(searched) or '(no searched dims)'} while the mean "
           f"AUC over seeds {fresh} stays within {settings.epsilon if tolerance is None else tolerance} of the pick's "
           "on those seeds (round 0)", flush=True)
     ref = refine(conf, data, settings, searched, tolerance)

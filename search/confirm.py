@@ -66,6 +66,7 @@ class Candidate:
     on_front: bool = False
     heuristic: str = ""
     train_seconds: float = math.nan  # the search's training time for it (epochs x seconds per epoch)
+    run_name: str = ""  # its MLflow trial run's name (trial-007), as the UI lists it
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def candidates(result) -> list[Candidate]:
         out.append(Candidate(
             r["trial_id"], HEURISTICS.get(r["heuristic"], r["heuristic"]) if r["heuristic"] else "search", model,
             overrides["lr"], int(r["model_bytes"]), float(r["best_val_auc"]), r["run_id"], bool(r.get("on_front")),
-            r["heuristic"], r["epochs"] * r.get("epoch_seconds", math.nan),
+            r["heuristic"], r["epochs"] * r.get("epoch_seconds", math.nan), r.get("run_name", ""),
         ))
     return out
 
@@ -157,6 +158,7 @@ def decide(cands: list[Candidate], aucs: dict[str, list[float]], recommended: st
     k = max(len(v) for v in x.values())
     table = pd.DataFrame({
         "trial_id": ids,
+        "run": [c.run_name or c.trial_id for c in cands],
         "label": [c.label for c in cands],
         "on_front": [c.on_front for c in cands],
         "recommended": [i == recommended for i in ids],

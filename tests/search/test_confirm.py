@@ -111,7 +111,10 @@ def test_confirm_end_to_end_retrains_and_logs_to_the_parent_run(ray_session, tmp
     assert parent.data.metrics["confirm_seeds"] == 2
     uploaded = {a.path for a in MlflowClient(uri).list_artifacts(result.parent_run_id, "confirm")}
     assert {"confirm/confirm.csv", "confirm/confirmed.yaml"} <= uploaded  # (test_refine adds refine files to the run)
-    assert f"confirmed recommendation {confirmed}" in text and parent.data.tags["confirm_verdict"] in text
+    named = {r["trial_id"]: r["run_name"] for r in reviewed.trials}
+    assert table["run"].tolist() == [named[t] for t in table["trial_id"]]  # the names the MLflow UI lists
+    assert f"confirmed recommendation {named[confirmed]} (Ray trial {confirmed})" in text
+    assert parent.data.tags["confirm_verdict"] in text
 
 
 @pytest.mark.slow
