@@ -103,7 +103,8 @@ def check_cluster(
 
     ``storage``: Ray Tune's storage_path (absolute path or URI); ``explicit_storage``: the user chose it (a default
     local folder is refused on more than one node even where it happens to be shared). ``can_grow``: an existing
-    cluster, whose autoscaler may still add the nodes a trial needs (a warning then, not an error).
+    cluster, whose autoscaler may still add the nodes a trial needs: refused when it has published its node types
+    and none can hold a trial, a warning when it may add one or has published none.
     """
     import ray
 
@@ -114,7 +115,19 @@ def check_cluster(
     except ValueError as e:
         if not can_grow:
             raise
-        log.warning("%s; trials wait until the cluster's autoscaler adds such a node", e)
+        types = autoscaler_node_types()
+        if types is None:
+            log.warning("%s; trials wait until such a node joins (the cluster's autoscaler adding one, or `ray start "
+                        "--address ...` on a bigger machine); Ctrl-C stops the search", e)
+        else:
+            fits = [t["name"] for t in types if _holds(t, cpus_per_trial, gpus_per_trial)]
+            listed = ", ".join(f"{t['name']} ({_resources(t)})" for t in types) or "none"
+            if not fits:
+                raise ValueError(f"{str(e).split('; ')[0]}, and no node type the cluster's autoscaler may add holds "
+                                 f"a trial (its types: {listed}); lower --cpus-per-trial/--gpus-per-trial or give the "
+                                 "autoscaler a larger node type") from None
+            log.warning("%s; trials wait until the cluster's autoscaler adds a node of type %s", str(e).split("; ")[0],
+                        " or ".join(fits))
     check_tracking_uri(tracking_uri, len(nodes))
     check_storage_path(storage, nodes, explicit_storage)
     info = ClusterInfo(len(nodes), total.get("CPU", 0.0), total.get("GPU", 0.0), storage)
@@ -132,6 +145,30 @@ def alive_nodes() -> list[dict]:
     import ray
 
     return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def autoscaler_node_types() -> list[dict] | None:
+    """The node types the cluster's autoscaler may add (``{"name", "Resources"}``), as it publishes them in the GCS
+    (the v2 autoscaler: KubeRay, `ray up`); None when none were published (nodes joined by hand with `ray start`, or
+    an older autoscaler), where nobody can tell whether a larger node may come."""
+    import ray._private.state  # Ray's own reader of that config; there is no public one (Ray Train reads it so too)
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older GCS without the key: as if none were published
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [{"name": g.name, "Resources": dict(g.resources)} for g in config.node_group_configs if g.max_count != 0]
+
+
+def _holds(node: dict, cpus: float, gpus: float) -> bool:
+    have = node.get("Resources", {})
+    return have.get("CPU", 0.0) >= cpus and have.get("GPU", 0.0) >= gpus
+
+
+def _resources(node: dict) -> str:
+    return ", ".join(f"{v:g} {k}s" for k, v in sorted(node.get("Resources", {}).items()) if k in ("CPU", "GPU"))
 
 
 def check_fits(nodes: list[dict], cpus_per_trial: float, gpus_per_trial: float) -> None:

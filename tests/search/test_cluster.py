@@ -91,6 +91,51 @@ def test_check_fits_refuses_trials_no_node_can_hold():
         check_fits(TWO_NODES[:1], cpus_per_trial=1, gpus_per_trial=0.5)
 
 
+def test_an_oversized_trial_on_a_cluster_that_can_grow_is_refused_only_when_no_node_type_holds_it(
+        ray_session, tmp_path, caplog):
+    """`--address` to a cluster whose nodes are all smaller than a trial: Ray Tune waits for a node that big. The v2
+    autoscaler publishes its node types in the GCS; written here as it writes them, into this session's real GCS."""
+    import logging
+
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from search.cluster import check_cluster
+
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode()
+    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    uri, storage = f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "ray")
+
+    def publish(*types: tuple[str, int, int]) -> None:
+        config = autoscaler_pb2.ClusterConfig()
+        for name, cpus, most in types:
+            group = config.node_group_configs.add()
+            group.name, group.max_count = name, most
+            group.resources["CPU"] = cpus
+        _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+
+    try:
+        # nodes joined by hand, no autoscaler's types: nobody can tell, so the search waits, and says how it ends
+        with caplog.at_level(logging.WARNING, logger="search.cluster"):
+            check_cluster(uri, storage, False, cpus_per_trial=8, can_grow=True)
+        assert "trials wait until such a node joins" in caplog.text and "Ctrl-C stops the search" in caplog.text
+        publish(("small", 4, 10), ("big", 16, 0))  # a type it may add none of does not count
+        with pytest.raises(ValueError, match=r"^--cpus-per-trial is 8, but the largest Ray node has 2 CPUs, and no "
+                                             r"node type the cluster's autoscaler may add holds a trial \(its types: "
+                                             r"small \(4 CPUs\)\); lower --cpus-per-trial"):
+            check_cluster(uri, storage, False, cpus_per_trial=8, can_grow=True)
+        publish(("small", 4, 10), ("big", 16, -1))  # -1: as many as it likes
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="search.cluster"):
+            check_cluster(uri, storage, False, cpus_per_trial=8, can_grow=True)
+        assert "trials wait until the cluster's autoscaler adds a node of type big" in caplog.text
+        with pytest.raises(ValueError, match=r"^--cpus-per-trial is 8, but the largest Ray node has 2 CPUs; lower"):
+            check_cluster(uri, storage, False, cpus_per_trial=8, can_grow=False)  # a Ray this process started
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+
+
 def test_read_marker_is_none_where_the_file_is_not_visible(tmp_path):
     (tmp_path / "m").write_text("token")
     assert read_marker(str(tmp_path / "m")) == "token"
