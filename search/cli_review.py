@@ -134,11 +134,12 @@ def cmd_confirm(args) -> int:
     print()
     print(f"search's recommendation {_named(conf, conf.recommended)}: single seed {rec['single_seed_auc']:.4f}, over "
           f"{len(conf.seeds)} seeds {rec['mean_auc']:.4f} ± {rec['sd_auc']:.4f}")
-    print(f"confirmed recommendation {_named(conf, conf.confirmed)}: {new['mean_auc']:.4f} ± {new['sd_auc']:.4f}, model bytes "
-          f"{int(new['model_bytes']):,}  [{conf.verdict}]")
+    print(f"confirmed recommendation {_named(conf, conf.confirmed)}: {new['mean_auc']:.4f} ± {new['sd_auc']:.4f}, "
+          f"model bytes {int(new['model_bytes']):,}  [{conf.verdict}]")
     if conf.seed_luck:
-        print(f"WARNING: the search's recommendation wins only by seed luck: {', '.join(_named(conf, i) for i in conf.challengers)} beat(s) it "
-              "on mean AUC by more than the noise")
+        beaten_by = ", ".join(_named(conf, i) for i in conf.challengers)
+        print(f"WARNING: the search's recommendation wins only by seed luck: {beaten_by} beat(s) it on mean AUC by "
+              "more than the noise")
     print(f"confirmed config: {files['confirmed.yaml'].resolve()} (also on MLflow run {result.parent_run_id}, "
           f"artifacts confirm/); {conf.seconds:.0f} s")
     if args.refine:
@@ -157,9 +158,10 @@ def _refine(result, conf, data, settings, searched: list[str], tolerance, out: P
     from .refine import log_refinement, refine, write_refinement
 
     fresh = [s + settings.seeds for s in settings.seed_list]
-    print(f"\nrefining {_named(conf, conf.confirmed)}: halving each of {', '.join(searched) or '(no searched dims)'} while the mean "
-          f"AUC over seeds {fresh} stays within {settings.epsilon if tolerance is None else tolerance} of the pick's "
-          "on those seeds (round 0)", flush=True)
+    within = settings.epsilon if tolerance is None else tolerance
+    print(f"\nrefining {_named(conf, conf.confirmed)}: halving each of {', '.join(searched) or '(no searched dims)'} "
+          f"while the mean AUC over seeds {fresh} stays within {within} of the pick's on those seeds (round 0)",
+          flush=True)
     ref = refine(conf, data, settings, searched, tolerance)
     files = write_refinement(result, conf, ref, data, out)
     log_refinement(result, ref, files)
