@@ -39,6 +39,19 @@ def test_decide_flags_a_recommendation_that_wins_only_by_seed_luck():
     assert list(conf.table["model_bytes"]) == [100, 200, 400, 800]
 
 
+
+def test_confirm_names_candidates_by_their_runs_and_ray_ids():
+    from dataclasses import replace
+
+    from search.cli_review import _named
+
+    named = [replace(c, run_name=f"trial-00{i}") if c.trial_id != "sqrt" else c for i, c in enumerate(LUCKY, 1)]
+    conf = decide(named, LUCKY_AUCS, recommended="big", rule="epsilon", epsilon=0.0)
+    assert conf.table["run"].tolist() == ["trial-001", "trial-002", "trial-003", "sqrt"]  # by size
+    assert [_named(conf, i) for i in conf.challengers] == ["trial-002 (Ray trial small)"]
+    assert _named(conf, "sqrt") == "sqrt"  # a run with no name (its writes failed): Ray's id alone
+
+
 def test_decide_confirms_a_recommendation_that_holds_on_average():
     aucs = {**LUCKY_AUCS, "big": [0.82, 0.83, 0.825]}
     conf = decide(LUCKY, aucs, recommended="big", rule="epsilon", epsilon=0.0)
