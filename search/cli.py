@@ -415,7 +415,7 @@ class _Progress:
         if kind == "result":
             return
         if kind == "retried":
-            print(f"  trial {trial.trial_id} failed ({result['error']}); retrying it from its last checkpoint "
+            print(f"  {_who(trial, result)} failed ({result['error']}); retrying it from its last checkpoint "
                   "(--max-failures)", flush=True)
             return
         self.running.discard(trial.trial_id)
@@ -426,12 +426,20 @@ class _Progress:
         front = sum(
             1 for a, b in self.points if not any((a2 >= a and b2 <= b) and (a2 > a or b2 < b) for a2, b2 in self.points)
         )
-        label = trial.config.get("heuristic") or ""
+        # a baseline's run name carries its rule (trial-003-sqrt); Ray's id alone does not
+        label = "" if (result or {}).get("run_name") else trial.config.get("heuristic") or ""
         done = sum(self.counts.values())
         print(f"[{done:3d} finished] completed {self.counts['completed']}  stopped early {self.counts['stopped_early']}"
               f"  failed {self.counts['failed']}  running {len(self.running)}  best AUC {best:.4f}  front {front}"
-              f"   <- {trial.trial_id} {kind}{' (' + label + ')' if label else ''}"
+              f"   <- {_who(trial, result)} {kind}{' (' + label + ')' if label else ''}"
               f"{': ' + result['error'] if kind == 'failed' else ''}", flush=True)
+
+
+def _who(trial, result) -> str:
+    """The trial as the MLflow UI lists its run (trial-007) with Ray's id, or Ray's id alone (a resumed search's run
+    is named when written)."""
+    name = (result or {}).get("run_name")
+    return f"{name} ({trial.trial_id})" if name else trial.trial_id
 
 
 def _print_result(result) -> None:

@@ -225,7 +225,8 @@ def run_search(
                     optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
                 searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
                 searcher.fail_untracked()  # a study an interrupted start left behind: its running trials are orphans
-                runs = tracking.TrialRuns(uri, opened, on_event)
+                # a new search's parent run is new, so it holds no trial runs: they are named as they start
+                runs = tracking.TrialRuns(uri, opened, on_event, numbered=0 if previous is None else None)
                 tuner = tune.Tuner(
                     trainable,
                     tune_config=tune.TuneConfig(

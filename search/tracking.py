@@ -224,13 +224,16 @@ class TrialRuns(Callback):
 
     GATHER_S = 2.0
 
-    def __init__(self, uri: str, opened, on_event: Callable | None = None):
+    def __init__(self, uri: str, opened, on_event: Callable | None = None, numbered: int | None = None):
         """``opened``: a future of (client, experiment id, parent run id), so the store can finish opening while
-        Ray starts the first trials."""
+        Ray starts the first trials. ``numbered``: how many trial runs the parent run holds, when that is known
+        without asking the store (0 for a new search): each run's name is then given as its trial starts, so the live
+        progress can show it; else the writer thread counts them at the first new run."""
         self.uri, self._opened = uri, opened
         self.experiment_id = self.parent_run_id = None
         self.on_event = on_event
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.names: dict[str, str] = {}  # trial id -> run name (trial-007), which the CLI shows beside Ray's id
         self.unparamed: dict[str, dict] = {}  # run id -> config, for runs whose params write has failed so far
         self.unfinished: set[str] = set()  # trials started (or restored) and not yet completed or failed
         # trial id -> last epoch logged (by this process, or before it for a resumed run): a trial Ray retries, or a
@@ -241,7 +244,8 @@ class TrialRuns(Callback):
         self.restored = False  # set by ``rewire``: the trials may have runs from before
         # trial runs of the search so far (run names trial-001, trial-002-sqrt...): counted from the store at the first
         # new run, so names go on after those of an earlier leg, the runs a killed driver left included
-        self.numbered: int | None = None
+        self.numbered: int | None = numbered
+        self.name_at_start = numbered is not None  # names given on Ray's thread as trials start, not by the writer
         # a remote store MLflow gave up on (its retries of one request take ~4 min): the next writes ask it first
         self.suspect = False
         self.down: Exception | None = None  # why the last such check failed; None once the store answers again
@@ -285,6 +289,10 @@ class TrialRuns(Callback):
         self.errors, self.unfinished, self.logged, self.sent, self.unparamed = [], set(), {}, {}, {}
         self.restored, self.numbered, self._datasets = True, None, None
         self.suspect, self.down = False, None
+        # names of runs that exist (given at a trial's start, a name may never have been written); absent from a
+        # callback an older embsize pickled
+        self.names = {t: n for t, n in self.__dict__.get("names", {}).items() if t in self.runs}
+        self.name_at_start = False
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -396,17 +404,17 @@ class TrialRuns(Callback):
             metrics, tags = existing[0].data.metrics, existing[0].data.tags
             self.sent[run_id] = {"best": metrics.get("best_val_auc", -math.inf), "bytes": "model_bytes" in metrics,
                                  "tags": {k: tags[k] for k in PLACEMENT if k in tags}}
-            self.runs[trial_id] = run_id
+            self.runs[trial_id], self.names[trial_id] = run_id, existing[0].info.run_name
         else:
             tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
             if config.get("heuristic"):
                 tags["heuristic"] = config["heuristic"]
-            if self.numbered is None:
-                self.numbered = len(child_runs(c, self.experiment_id, self.parent_run_id))
-            # numbered in the order trials start (the UI's run list reads better than Ray's random ids, kept as the
-            # tag trial_id); counted before the write, so a write that fails and is retried never reuses a name
-            self.numbered += 1
-            name = f"trial-{self.numbered:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
+            name = self.names.get(trial_id)
+            if name is None:
+                if self.numbered is None:  # on after the highest: a name given and never written leaves a gap
+                    self.numbered = max((int(m.group(1)) for r in child_runs(c, self.experiment_id, self.parent_run_id)
+                                         if (m := re.match(r"trial-(\d+)", r.info.run_name or ""))), default=0)
+                name = self.names[trial_id] = self._next_name(config)
             run_id = self.c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
             # the run is the trial's from here: a params write that fails is tried again with its next write, not
             # with a second run for the trial
@@ -437,7 +445,15 @@ class TrialRuns(Callback):
         except Exception as e:  # noqa: BLE001 - as _call: counted, the search goes on
             self._failed(e)
 
+    def _next_name(self, config: dict) -> str:
+        """The next run name, in the order trials start (the UI's run list reads better than Ray's random ids, kept
+        as the tag trial_id); taken before the write, so a write that fails and is retried never reuses a name."""
+        self.numbered += 1
+        return f"trial-{self.numbered:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
+
     def on_trial_start(self, iteration, trials, trial, **info):
+        if self.name_at_start and trial.trial_id not in self.names:
+            self.names[trial.trial_id] = self._next_name(trial.config)
         self.unfinished.add(trial.trial_id)
         self._submit(self._run_for, trial.trial_id, dict(trial.config))
         self._emit("start", trial, None)
@@ -552,8 +568,13 @@ class TrialRuns(Callback):
         self.c.set_terminated(run_id, status="FAILED" if error else "FINISHED")
 
     def _emit(self, kind: str, trial, result) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, trial, result)
+        """Tell the CLI; a finished or retried trial's result carries its run's name, when given, as ``run_name``."""
+        if self.on_event is None:
+            return
+        name = self.names.get(trial.trial_id)
+        if name and kind not in ("start", "result"):
+            result = {**(result or {}), "run_name": name}
+        self.on_event(kind, trial, result)
 
 
 PLACEMENT = ("node", "node_id", "gpu_ids", "device")  # where a trial runs: node IP, Ray node id, GPUs, cpu|cuda

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,9 @@ def test_cli_search_end_to_end(tmp_path):
     names = {r.data.tags["trial_id"]: r.info.run_name
              for r in c.search_runs([pick.info.experiment_id], "tags.trial_id != ''")}
     assert front["run_name"].tolist() == [names[t] for t in front["trial_id"]]
+    # ... and each finished trial's progress line names its run too
+    progress = re.findall(r"<- (\S+) \((\w+)\) (completed|stopped_early|failed)", p.stdout)
+    assert len(progress) == len(names) and all(names[trial] == run for run, trial, _ in progress), p.stdout
     table = p.stdout.split("Pareto front and heuristic baselines")[1].split("recommended:")[0].strip().splitlines()
     assert table[1].split()[-1] == "run" and [ln.split()[-1] for ln in table[2:]] == front["run_name"].tolist()
 

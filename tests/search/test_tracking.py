@@ -245,6 +245,46 @@ def test_trial_runs_are_named_by_start_order_uniquely_across_a_resume(tracking_u
     assert names == {"a": "trial-001-sqrt", "b": "trial-002", "x": "trial-003", "c": "trial-004", "d": "trial-005"}
 
 
+def test_a_new_searchs_trials_are_named_as_they_start_so_the_progress_shows_the_names(tracking_uri):
+    """The live progress printed Ray's ids (9f78fc21) while the MLflow UI lists trial-007: a trial that ended before
+    the writer thread had opened its run had no name to show. A new search's runs are named as trials start."""
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    events = []
+    runs = tracking.TrialRuns(tracking_uri, opened, lambda kind, trial, result: events.append((kind, result)),
+                              numbered=0)
+    runs.GATHER_S = 0.05
+    a, b = _Trial("a", {"dim.a": 4, "heuristic": "sqrt"}), _Trial("b", {"dim.a": 8})
+    for t in (a, b):
+        runs.on_trial_start(0, [], t)
+        _report(runs, t, [1])
+        runs.on_trial_complete(0, [], t)  # at once: before the writer has written anything, as a fast trial
+    runs.close()
+    ended = [result["run_name"] for kind, result in events if kind == "stopped_early"]
+    assert ended == ["trial-001-sqrt", "trial-002"]
+    names = {r.data.tags["trial_id"]: r.info.run_name for r in tracking.child_runs(c, exp, parent)}
+    assert names == {"a": "trial-001-sqrt", "b": "trial-002"}
+
+
+def test_trial_run_names_go_on_after_the_highest_so_a_gap_never_makes_a_duplicate(tracking_uri):
+    """A name is taken before its run is written (as a trial starts, or before a write that fails): a driver killed
+    in between leaves a gap. Counting the runs then gave a later trial a name already in use."""
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    for name, trial_id in (("trial-001", "a"), ("trial-003", "c")):  # trial-002's run was never written
+        c.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent, "trial_id": trial_id})
+    runs = tracking.TrialRuns(tracking_uri, opened)  # a resumed search: its names go on from the store's
+    runs.GATHER_S = 0.05
+    runs.on_trial_start(0, [], _Trial("d", {"dim.a": 4}))
+    runs.close()
+    names = sorted(r.info.run_name for r in tracking.child_runs(c, exp, parent))
+    assert names == ["trial-001", "trial-003", "trial-004"]
+
+
 def test_trial_runs_carry_the_searchs_dataset_as_their_training_input(tracking_uri):
     # only the parent run had the dataset input: the runs table's Dataset column was empty on every trial row
     from pipelines import SyntheticSpec, generate, prepare
