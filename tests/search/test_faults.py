@@ -29,7 +29,9 @@ from search.trial import DIVERGENT_LR, Fault, _best_epoch, load_checkpoint, pars
 
 from .local_cluster import BIN, LocalCluster
 
-FINISHED_LINE = re.compile(r"finished\].*<- (\w+) (completed|stopped_early|failed)")
+# a progress line: "<- trial-007 (9f78fc21) completed" ("<- 9f78fc21 completed" before a resumed run is named);
+# group 1 is Ray's trial id
+FINISHED_LINE = re.compile(r"finished\].*<- (?:trial-\S+ \()?(\w+)\)? (completed|stopped_early|failed)")
 
 
 # --- the trial's checkpoint and its fault hook (fast) ---------------------------------------------------------------
@@ -230,7 +232,7 @@ def test_failing_trials_end_failed_while_the_others_finish(failing_search):
             text = Path(traceback).read_text()
             assert expected in text and 'search/trial.py", line' in text and "\x1b[" not in text  # frames, no colours
             # the progress line names the error; Ray's traceback log is kept off the terminal (-v shows it)
-            assert re.search(rf"<- {trial_id} failed: .*{re.escape(expected)}", p.stdout), p.stdout
+            assert re.search(rf"<- trial-\d+ \({trial_id}\) failed: .*{re.escape(expected)}", p.stdout), p.stdout
         else:
             assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
 
