@@ -242,8 +242,8 @@ class TrialRuns(Callback):
         # what a run has been given already: its best AUC so far, whether its bytes, its placement tags
         self.sent: dict[str, dict] = {}  # run id -> {"best": float, "bytes": bool, "tags": dict}
         self.restored = False  # set by ``rewire``: the trials may have runs from before
-        # trial runs of the search so far (run names trial-001, trial-002-sqrt...): counted from the store at the first
-        # new run, so names go on after those of an earlier leg, the runs a killed driver left included
+        # the number of the last run name given (trial-001, trial-002-sqrt...): for a resumed search, the highest in
+        # the store at its first new run, so names go on after those of an earlier leg, a killed driver's included
         self.numbered: int | None = numbered
         self.name_at_start = numbered is not None  # names given on Ray's thread as trials start, not by the writer
         # a remote store MLflow gave up on (its retries of one request take ~4 min): the next writes ask it first
