@@ -452,6 +452,13 @@ def _open_parent(
     return c, exp_id, parent_id
 
 
+def _record(space: SearchSpace, config: dict, **fields) -> dict:
+    """A trial's record: ``fields`` (trial_id, heuristic, outcome, best_val_auc, embedding_bytes, epochs, ended, run_id,
+    run_name, error) and what its config gives: the model's dims and bytes, and the config itself."""
+    model_cfg, _ = space.decode(config)
+    return {**fields, "model_bytes": int(space.bytes(config)), "dims": dict(model_cfg.dims), "config": dict(config)}
+
+
 def _records(grid, space: SearchSpace, run_ids: dict[str, str], names: dict[str, str]) -> list[dict]:
     from .tracking import trial_outcome
 
@@ -459,25 +466,20 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str], names: dict[str,
     for r in grid:
         error = [ln for ln in str(r.error).splitlines() if ln.strip()] if r.error is not None else []
         metrics = r.metrics or {}
-        config = r.config or {}
-        model_cfg, _ = space.decode(config)
-        records.append(
-            {
-                "trial_id": metrics.get("trial_id", ""),
-                "heuristic": config.get("heuristic", ""),
-                "outcome": trial_outcome(metrics, r.error is not None),
-                "best_val_auc": float(metrics.get("best_val_auc", math.nan)),
-                "model_bytes": int(space.bytes(config)),
-                "embedding_bytes": int(metrics.get("embedding_bytes", 0)),
-                "epochs": int(metrics.get("epoch", 0)),
-                "ended": metrics.get("ended", ""),
-                "dims": dict(model_cfg.dims),
-                "config": {k: v for k, v in config.items()},
-                "run_id": run_ids.get(metrics.get("trial_id", ""), ""),
-                "run_name": names.get(metrics.get("trial_id", ""), ""),
-                "error": error[-1].strip() if error else "",  # the exception line, after Ray's traceback
-            }
-        )
+        trial_id = metrics.get("trial_id", "")
+        records.append(_record(
+            space, r.config or {},
+            trial_id=trial_id,
+            heuristic=(r.config or {}).get("heuristic", ""),
+            outcome=trial_outcome(metrics, r.error is not None),
+            best_val_auc=float(metrics.get("best_val_auc", math.nan)),
+            embedding_bytes=int(metrics.get("embedding_bytes", 0)),
+            epochs=int(metrics.get("epoch", 0)),
+            ended=metrics.get("ended", ""),
+            run_id=run_ids.get(trial_id, ""),
+            run_name=names.get(trial_id, ""),
+            error=error[-1].strip() if error else "",  # the exception line, after Ray's traceback
+        ))
     return records
 
 
@@ -501,27 +503,22 @@ def _unsaved_records(children: list, known: set[str], space: SearchSpace, data: 
         # "interrupted": a trial the killed driver left running, closed KILLED at the resume's start
         if tags.get("trial_id") in known or tags.get("outcome") not in OUTCOMES or not run.data.params:
             continue
-        config = config_from_params(run.data.params)
-        model_cfg, _ = space.decode(config)
         log.info("trial %s ended after Ray's last saved state; counted from its MLflow run %s", tags["trial_id"],
                  run.info.run_name)
-        records.append(
-            {
-                "trial_id": tags["trial_id"],
-                "heuristic": tags.get("heuristic", ""),
-                "outcome": tags["outcome"],
-                "best_val_auc": float(metrics.get("best_val_auc", math.nan)),
-                "model_bytes": int(space.bytes(config)),
-                "embedding_bytes": int(sum(embedding_bytes(data.features, model_cfg.dims).values())),
-                "epochs": int(metrics.get("epochs_trained", 0)),
-                "ended": tags.get("ended", ""),
-                "dims": dict(model_cfg.dims),
-                "config": config,
-                "run_id": run.info.run_id,
-                "run_name": run.info.run_name or "",
-                "error": tags.get("error", ""),
-            }
+        record = _record(
+            space, config_from_params(run.data.params),
+            trial_id=tags["trial_id"],
+            heuristic=tags.get("heuristic", ""),
+            outcome=tags["outcome"],
+            best_val_auc=float(metrics.get("best_val_auc", math.nan)),
+            epochs=int(metrics.get("epochs_trained", 0)),
+            ended=tags.get("ended", ""),
+            run_id=run.info.run_id,
+            run_name=run.info.run_name or "",
+            error=tags.get("error", ""),
         )
+        record["embedding_bytes"] = int(sum(embedding_bytes(data.features, record["dims"]).values()))
+        records.append(record)
     return records
 
 
