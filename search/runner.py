@@ -131,7 +131,7 @@ def run_search(
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    from . import preflight, resume, tracking
+    from . import checkpoints, preflight, resume, tracking
     from .cluster import is_uri
     from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
@@ -239,16 +239,18 @@ def run_search(
                     run_config=tune.RunConfig(
                         name=settings.name,
                         storage_path=settings.storage,
-                        callbacks=[runs, JsonLoggerCallback()],
+                        # the pruner deletes the checkpoints no saved experiment state needs any more (on local
+                        # storage; checkpoints.py says why Ray's num_to_keep does not do), and prune_all the rest
+                        # once the search has finished
+                        callbacks=[runs, JsonLoggerCallback(),
+                                   *([checkpoints.Pruner(experiment)] if isinstance(experiment, Path) else [])],
                         verbose=0,
                         failure_config=failures,
-                        # Every checkpoint is kept while the search runs: Ray saves its experiment state (which
-                        # names each trial's checkpoint) every ~10 s and asynchronously, so with num_to_keep=1 or 2 a
-                        # killed driver leaves a state naming a checkpoint already deleted, and that trial cannot
-                        # resume. The checkpoints are deleted when the search has finished (_prune_checkpoints).
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                     ),
                 )
+            if previous is not None:  # its parent run holds trial runs already: names go on after theirs
+                runs.name_from_store()
             sigint = _sigint_handler()
             try:
                 grid = tuner.fit()
@@ -272,7 +274,9 @@ def run_search(
                     names = {r.data.tags.get("trial_id"): r.info.run_name for r in children}
                 except Exception as e:  # noqa: BLE001 - any store error: the ids the writer thread saw are enough
                     down = e
-            records = _records(grid, space, {**run_ids, **runs.runs}, names)
+            # the names of the runs the writer wrote, too: with the server down at the end they name the pick
+            written = {t: runs.names[t] for t in runs.runs if t in runs.names}
+            records = _records(grid, space, {**run_ids, **runs.runs}, {**written, **names})
             records += _unsaved_records(children, {r["trial_id"] for r in records}, space, data)
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
@@ -292,7 +296,7 @@ def run_search(
                     down = e
             if down is not None:  # the checkpoints stay: the resume restores the Ray experiment to conclude it
                 raise TrackingUnavailable(result, _redact(uri), down, settings)
-            _prune_checkpoints(experiment)
+            checkpoints.prune_all(experiment)
             return result
         except BaseException as e:
             if isinstance(e, TrackingUnavailable):
@@ -405,20 +409,6 @@ def _restore(experiment: Path, trainable, uri: str, opened, on_event, failures):
     runs.rewire(uri, opened, on_event)
     run_config.failure_config = failures
     return tuner, runs
-
-
-def _prune_checkpoints(experiment: Path | str) -> None:
-    """Delete the trials' epoch checkpoints of a finished search: they serve only to resume unfinished trials."""
-    import shutil
-
-    if not isinstance(experiment, Path):  # remote storage (URI): left to the bucket's lifecycle rules
-        return
-    freed = 0
-    for ckpt in experiment.glob("*/checkpoint_*"):
-        if ckpt.is_dir():
-            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-            shutil.rmtree(ckpt, ignore_errors=True)
-    log.info("deleted the trial checkpoints of %s (%.1f MB)", experiment, freed / 1e6)
 
 
 def _open_parent(

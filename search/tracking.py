@@ -245,7 +245,10 @@ class TrialRuns(Callback):
         # the number of the last run name given (trial-001, trial-002-sqrt...): for a resumed search, the highest in
         # the store at its first new run, so names go on after those of an earlier leg, a killed driver's included
         self.numbered: int | None = numbered
-        self.name_at_start = numbered is not None  # names given on Ray's thread as trials start, not by the writer
+        # names given on Ray's thread as trials start, not by the writer; a resumed search's once the writer has read
+        # the highest number from the store (``name_from_store``)
+        self.name_at_start = numbered is not None
+        self._naming = threading.Lock()  # Ray's thread and the writer may both take the next name
         # a remote store MLflow gave up on (its retries of one request take ~4 min): the next writes ask it first
         self.suspect = False
         self.down: Exception | None = None  # why the last such check failed; None once the store answers again
@@ -279,7 +282,7 @@ class TrialRuns(Callback):
         state = self.__dict__.copy()
         # the pickle is a file in the output folder: no credentials of the URI in it (``rewire`` sets it again)
         state.update(uri=redact(self.uri), suspect=False, down=None, _client=None, _opened=None, on_event=None,
-                     _queue=None, _thread=None, _wake=None, _datasets=None)
+                     _queue=None, _thread=None, _wake=None, _datasets=None, _naming=None)
         return state
 
     def rewire(self, uri: str, opened, on_event: Callable | None = None) -> None:
@@ -292,7 +295,21 @@ class TrialRuns(Callback):
         # names of runs that exist (given at a trial's start, a name may never have been written); absent from a
         # callback an older embsize pickled
         self.names = {t: n for t, n in self.__dict__.get("names", {}).items() if t in self.runs}
-        self.name_at_start = False
+        self.name_at_start, self._naming = False, threading.Lock()
+
+    def name_from_store(self) -> None:
+        """A resumed search: read the highest run number on the writer thread (first in its queue, once the store
+        has opened), then name trials as they start, as a new search does. Until then the writer names them."""
+        self._submit(self._number)
+
+    def _number(self) -> None:
+        if self.numbered is None:
+            c = self.c
+            highest = max((int(m.group(1)) for r in child_runs(c, self.experiment_id, self.parent_run_id)
+                           if (m := re.match(r"trial-(\d+)", r.info.run_name or ""))), default=0)
+            with self._naming:
+                self.numbered = highest if self.numbered is None else self.numbered
+        self.name_at_start = True
 
     def _submit(self, fn: Callable, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -411,9 +428,7 @@ class TrialRuns(Callback):
                 tags["heuristic"] = config["heuristic"]
             name = self.names.get(trial_id)
             if name is None:
-                if self.numbered is None:  # on after the highest: a name given and never written leaves a gap
-                    self.numbered = max((int(m.group(1)) for r in child_runs(c, self.experiment_id, self.parent_run_id)
-                                         if (m := re.match(r"trial-(\d+)", r.info.run_name or ""))), default=0)
+                self._number()  # on after the highest: a name given and never written leaves a gap
                 name = self.names[trial_id] = self._next_name(config)
             run_id = self.c.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
             # the run is the trial's from here: a params write that fails is tried again with its next write, not
@@ -448,8 +463,10 @@ class TrialRuns(Callback):
     def _next_name(self, config: dict) -> str:
         """The next run name, in the order trials start (the UI's run list reads better than Ray's random ids, kept
         as the tag trial_id); taken before the write, so a write that fails and is retried never reuses a name."""
-        self.numbered += 1
-        return f"trial-{self.numbered:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
+        with self._naming:
+            self.numbered += 1
+            number = self.numbered
+        return f"trial-{number:03d}" + (f"-{config['heuristic']}" if config.get("heuristic") else "")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.name_at_start and trial.trial_id not in self.names:

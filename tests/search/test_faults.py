@@ -359,6 +359,65 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def _named_checkpoints(experiment: Path) -> dict[str, Path]:
+    """Per trial, the checkpoint the newest saved experiment state names (what a resume restores it from), read with
+    Ray's own decoder: the pruner reads the names without it."""
+    from ray.tune.utils.serialization import TuneFunctionDecoder
+
+    state = max(experiment.glob("experiment_state-*.json"))
+    named = {}
+    for trial_json, metadata_json in json.loads(state.read_text())["trial_data"]:
+        trial = json.loads(trial_json)
+        metadata = json.loads(metadata_json, cls=TuneFunctionDecoder, allow_cloudpickle=True)  # a file of this test
+        latest = metadata["checkpoint_manager"].latest_checkpoint_result
+        if latest is not None and trial["status"] != "TERMINATED":
+            named[trial["trial_id"]] = Path(latest.checkpoint.path)
+    return named
+
+
+@pytest.mark.slow
+def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driver_still_resumes(tmp_path):
+    """Every checkpoint used to stay until the search ended: at a 1M-category table hundreds of MB each, a disk's worth
+    over a long search. Those no saved Ray state names are now deleted as the search goes (checkpoints.py); a driver
+    killed meanwhile resumes every trial from the checkpoint its state names."""
+    args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "8", "--patience", "0", "--num-cpus", "2",
+            "--no-heuristics", "--scheduler", "fifo", "--checkpoint-every", "0", "--name", "prune"]
+    ray_tmp = _ray_tmp()
+    # a checkpoint per epoch, an epoch per ~1 s, and Ray's state saved (so pruned) every second instead of every 10
+    env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=1", TUNE_GLOBAL_CHECKPOINT_S="1")
+    experiment = tmp_path / "embsize-out" / "prune" / "ray" / "prune"
+    seen: dict[str, set[str]] = {}
+    most = 0  # the most checkpoints one trial had on disk at once
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None:
+            for trial in experiment.glob("run_trial_*"):
+                present = {c.name for c in trial.glob("checkpoint_*")}
+                seen.setdefault(trial.name, set()).update(present)
+                most = max(most, len(present))
+            if len(seen) == 2 and all(len(names) >= 5 for names in seen.values()):
+                p.kill()  # SIGKILL mid-search: no last state save, no cleanup
+                break
+            time.sleep(0.05)
+        p.wait(timeout=60)
+        assert p.returncode == -signal.SIGKILL, f"the search ended ({p.returncode}) before both trials' 5th epoch"
+        _stop_processes_under(ray_tmp)
+        # the state a resume restores from names checkpoints that are all there
+        named = _named_checkpoints(experiment)
+        assert named and all((path / "trainer.pt").is_file() for path in named.values()), named
+        resumed = _resume(tmp_path, "prune", ray_tmp)
+    finally:
+        _stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert most <= 3 < min(len(names) for names in seen.values()), (most, seen)  # pruned as the trials went on
+    c, _, children = _finished(tmp_path, "prune", 2, resumed)
+    for run in children:  # each trial went on from its checkpoint to epoch 8: every epoch in MLflow once
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "val_auc")] == list(range(1, 9))
+    assert not list(experiment.rglob("checkpoint_*"))  # and the rest went when the search finished
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
@@ -392,6 +451,11 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     assert re.search(r"wall time [\d.]+ s over 2 runs of the search \(this one [\d.]+ s\)", resumed.stdout)
     names = [r.info.run_name for r in children]  # numbered on from the first leg's runs, none twice
     assert len(set(names)) == len(names) and all(re.fullmatch(r"trial-\d{3}", n) for n in names), names
+    # the resumed leg's progress names its trials as the MLflow UI lists them
+    ended = [line for line in resumed.stdout.splitlines() if FINISHED_LINE.search(line)]
+    run_names = {r.data.tags["trial_id"]: r.info.run_name for r in children}
+    assert ended and all((m := re.search(r"<- (trial-\d{3}) \((\w+)\) ", line)) and run_names[m.group(2)] == m.group(1)
+                         for line in ended), ended
     table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "front.csv")
     front = set(table.loc[table["on_front"], "trial_id"])
     assert {r.data.tags["trial_id"] for r in children if r.data.tags["on_front"] == "true"} == front
@@ -671,7 +735,8 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
         assert f"--resume down --output-dir {tmp_path / 'out'}" in str(caught.value) and uri in str(caught.value)
         assert (out / "recommended.yaml").is_file() and (out / "front.csv").is_file()
         assert len(pd.read_csv(out / "trials.csv")) == settings.trials
-        assert first.recommended["run_id"]  # the writer thread's ids, with no store to ask
+        # the writer thread's ids and names, with no store to ask
+        assert first.recommended["run_id"] and re.fullmatch(r"trial-\d{3}", first.recommended["run_name"])
 
         def replay(*args, **kwargs):  # the CLI's handling of this very outcome: the table, then one error line
             raise caught.value
@@ -682,7 +747,8 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
             assert main(["search", "--rows", "500", "--trials", "1", "--name", "cli",
                          "--tracking-uri", f"sqlite:///{tmp_path / 'cli.db'}"]) == 1
         printed = capsys.readouterr()
-        assert f"recommended: trial {first.recommended['trial_id']}" in printed.out
+        pick = first.recommended
+        assert f"recommended: {pick['run_name']} (Ray trial {pick['trial_id']})" in printed.out
         assert [ln for ln in printed.err.splitlines() if ln.startswith("embsize:")] == [
             f"embsize: error: {caught.value}"]
 

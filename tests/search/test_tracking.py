@@ -285,6 +285,39 @@ def test_trial_run_names_go_on_after_the_highest_so_a_gap_never_makes_a_duplicat
     assert names == ["trial-001", "trial-003", "trial-004"]
 
 
+def test_a_resumed_searchs_trials_are_named_as_they_start_once_the_store_has_answered(tracking_uri):
+    """A resumed search named its new runs only when the writer wrote them: a trial that ended within the writer's
+    ~2 s printed Ray's id in the progress. It now reads the highest number first and names trials as they start."""
+    import pickle
+
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    first = tracking.TrialRuns(tracking_uri, opened, numbered=0)  # the first leg: trial-001 written, trial-002 never
+    first.GATHER_S = 0.05
+    first.on_trial_start(0, [], _Trial("a", {"dim.a": 4}))
+    first.on_trial_start(0, [], _Trial("b", {"dim.a": 4}))
+    first.flush()
+    c.delete_run(first.runs["b"])  # as if b's run was never written: the numbers go on after the highest anyway
+    c.create_run(exp, run_name="trial-003", tags={"mlflow.parentRunId": parent, "trial_id": "c"})
+    runs = pickle.loads(pickle.dumps(first))  # what Ray's experiment state holds for a resume
+    first.close()
+    events = []
+    runs.rewire(tracking_uri, opened, lambda kind, trial, result: events.append((kind, result)))
+    runs.GATHER_S = 0.05
+    runs.name_from_store()
+    runs.flush()  # the store has answered
+    d = _Trial("d", {"dim.a": 8, "heuristic": "fastai"})
+    runs.on_trial_start(0, [], d)
+    _report(runs, d, [1])
+    runs.on_trial_complete(0, [], d)  # at once: before the writer has written d's run
+    runs.close()
+    assert [result["run_name"] for kind, result in events if kind == "stopped_early"] == ["trial-004-fastai"]
+    names = {r.data.tags["trial_id"]: r.info.run_name for r in tracking.child_runs(c, exp, parent)}
+    assert names == {"a": "trial-001", "c": "trial-003", "d": "trial-004-fastai"}
+
+
 def test_trial_runs_carry_the_searchs_dataset_as_their_training_input(tracking_uri):
     # only the parent run had the dataset input: the runs table's Dataset column was empty on every trial row
     from pipelines import SyntheticSpec, generate, prepare
