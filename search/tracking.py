@@ -305,10 +305,15 @@ class TrialRuns(Callback):
     def _number(self) -> None:
         if self.numbered is None:
             c = self.c
-            highest = max((int(m.group(1)) for r in child_runs(c, self.experiment_id, self.parent_run_id)
+            existing = child_runs(c, self.experiment_id, self.parent_run_id)
+            highest = max((int(m.group(1)) for r in existing
                            if (m := re.match(r"trial-(\d+)", r.info.run_name or ""))), default=0)
             with self._naming:
                 self.numbered = highest if self.numbered is None else self.numbered
+                # a restored trial keeps its run's name (Ray continues it; its run may be newer than this callback's
+                # pickle): known here, it is not given a new one as it starts
+                for r in existing:
+                    self.names.setdefault(r.data.tags.get("trial_id"), r.info.run_name)
         self.name_at_start = True
 
     def _submit(self, fn: Callable, *args) -> None:

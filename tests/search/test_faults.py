@@ -455,7 +455,7 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     ended = [line for line in resumed.stdout.splitlines() if FINISHED_LINE.search(line)]
     run_names = {r.data.tags["trial_id"]: r.info.run_name for r in children}
     assert ended and all((m := re.search(r"<- (trial-\d{3}) \((\w+)\) ", line)) and run_names[m.group(2)] == m.group(1)
-                         for line in ended), ended
+                         for line in ended), "\n".join(ended)
     table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "front.csv")
     front = set(table.loc[table["on_front"], "trial_id"])
     assert {r.data.tags["trial_id"] for r in children if r.data.tags["on_front"] == "true"} == front

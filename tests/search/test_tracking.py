@@ -302,20 +302,24 @@ def test_a_resumed_searchs_trials_are_named_as_they_start_once_the_store_has_ans
     c.delete_run(first.runs["b"])  # as if b's run was never written: the numbers go on after the highest anyway
     c.create_run(exp, run_name="trial-003", tags={"mlflow.parentRunId": parent, "trial_id": "c"})
     runs = pickle.loads(pickle.dumps(first))  # what Ray's experiment state holds for a resume
+    # a trial whose run was written after that save, and that Ray continues
+    c.create_run(exp, run_name="trial-004", tags={"mlflow.parentRunId": parent, "trial_id": "r"})
     first.close()
     events = []
     runs.rewire(tracking_uri, opened, lambda kind, trial, result: events.append((kind, result)))
     runs.GATHER_S = 0.05
     runs.name_from_store()
     runs.flush()  # the store has answered
-    d = _Trial("d", {"dim.a": 8, "heuristic": "fastai"})
-    runs.on_trial_start(0, [], d)
-    _report(runs, d, [1])
-    runs.on_trial_complete(0, [], d)  # at once: before the writer has written d's run
+    r, d = _Trial("r", {"dim.a": 2}), _Trial("d", {"dim.a": 8, "heuristic": "fastai"})  # Ray continues r
+    for t in (r, d):
+        runs.on_trial_start(0, [], t)
+        _report(runs, t, [1])
+        runs.on_trial_complete(0, [], t)  # at once: before the writer has written anything
     runs.close()
-    assert [result["run_name"] for kind, result in events if kind == "stopped_early"] == ["trial-004-fastai"]
+    assert [result["run_name"] for kind, result in events if kind == "stopped_early"] == ["trial-004",
+                                                                                          "trial-005-fastai"]
     names = {r.data.tags["trial_id"]: r.info.run_name for r in tracking.child_runs(c, exp, parent)}
-    assert names == {"a": "trial-001", "c": "trial-003", "d": "trial-004-fastai"}
+    assert names == {"a": "trial-001", "c": "trial-003", "r": "trial-004", "d": "trial-005-fastai"}
 
 
 def test_trial_runs_carry_the_searchs_dataset_as_their_training_input(tracking_uri):
