@@ -223,7 +223,8 @@ def run_search(
             else:
                 storage = optuna.storages.JournalStorage(
                     optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
-                searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name)
+                searcher = DimSearch(space, heuristics, settings.memory_budget, settings.seed, storage, settings.name,
+                                     trials=settings.trials)
                 searcher.fail_untracked()  # a study an interrupted start left behind: its running trials are orphans
                 # a new search's parent run is new, so it holds no trial runs: they are named as they start
                 runs = tracking.TrialRuns(uri, opened, on_event, numbered=0 if previous is None else None)
@@ -259,7 +260,7 @@ def run_search(
                 if sigint is not None:  # Tune leaves its Ctrl-C handler set after fit: a Ctrl-C (or SIGTERM) while
                     signal.signal(signal.SIGINT, sigint)  # the front is concluded would set a dead flag, and be lost
             c, exp_id, parent_id = opened.result()
-            if runs.unfinished or len(grid) < settings.trials + len(heuristics):  # Ray stops early on Ctrl-C / SIGUSR1
+            if runs.unfinished:  # Ray stops early on Ctrl-C / SIGUSR1
                 raise SearchInterrupted.of(settings)
             # The trials are done: the result files are written whether or not MLflow answers now. A tracking server
             # that is down at the end fails the search only after them (TrackingUnavailable), and a resume records
@@ -278,6 +279,9 @@ def run_search(
             written = {t: runs.names[t] for t in runs.runs if t in runs.names}
             records = _records(grid, space, {**run_ids, **runs.runs}, {**written, **names})
             records += _unsaved_records(children, {r["trial_id"] for r in records}, space, data)
+            # with the trials that ended after Ray's last save (the study counted them: Ray did not sample more)
+            if len(records) < settings.trials + len(heuristics):
+                raise SearchInterrupted.of(settings)
             ref = reference_point(space, heuristics)
             result = _conclude(records, settings, space, data, ref, parent_id, uri, exp_id, info)
             result.seconds = time.perf_counter() - started
@@ -478,7 +482,7 @@ def _unsaved_records(children: list, known: set[str], space: SearchSpace, data: 
 
     Ray saves its experiment state every ~10 s: a trial that started and ended after the last save of a driver
     killed with ``kill -9`` was trained, closed in MLflow and told to the Optuna study, and the resumed Ray never
-    heard of it (it samples one more trial in its place). It is one of the search's trials all the same, as
+    heard of it (the study counts it: no other is sampled in its place). It is one of the search's trials, as
     ``embsize report``, which reads MLflow, counts it: without it the search's front and pick could differ from the
     report's. (Runs of trials that never ended are closed KILLED and counted as ``trials_interrupted``.)
     """

@@ -11,6 +11,10 @@ What Ray's OptunaSearch does not do, and this subclass adds:
 - A resumed search (Ray restores this searcher from its last experiment checkpoint, the study from its journal) may
   find trials the journal already finished after that checkpoint: telling them again is skipped, not an error. Study
   trials left RUNNING by the interrupted driver that Ray will not continue are marked FAIL (``outcome`` interrupted).
+- The trial budget holds over every leg of a resumed search. Ray counts only the trials of its saved experiment, so a
+  trial that ended after Ray's last save (a ``kill -9``), or every trial of a leg whose Ray state was lost (a full
+  disk), was sampled again on top. The study is the record here: sampling stops (``Searcher.FINISHED``) once it holds
+  ``trials`` sampled trials, and a baseline that ended in an earlier leg (a study attribute) is not run again.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import logging
 import math
 from typing import Mapping
 
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import SearchSpace
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ["best_val_auc", "model_bytes"]
 MODES = ["max", "min"]
+BASELINE_ENDED = "baseline_ended."  # study attribute BASELINE_ENDED + name: the baseline's trial ended (its Ray id)
 MAX_REJECTS = 200  # over-budget samples in a row before falling back to shrinking a sample into the budget
 
 
@@ -38,6 +44,7 @@ class DimSearch(OptunaSearch):
         seed: int = 0,
         storage=None,
         study_name: str = "embsize",
+        trials: int | None = None,
     ):
         import optuna
 
@@ -52,6 +59,7 @@ class DimSearch(OptunaSearch):
         )
         self.dim_space = space
         self.budget = budget
+        self.trials = trials  # sampled trials over the whole search (None: as many as Ray asks for)
         self._queue = list((heuristics or {}).items())
         self._configs: dict[str, dict] = {}
 
@@ -74,13 +82,28 @@ class DimSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self._configs:  # Ray may ask again for a restored trial
             return self._configs[trial_id]
+        ended = self._ot_study.user_attrs
+        while self._queue and f"{BASELINE_ENDED}{self._queue[0][0]}" in ended:  # ended in an earlier leg
+            self._queue.pop(0)
         if self._queue:
             name, config = self._queue.pop(0)
             config = {**config, "heuristic": name}
+        elif getattr(self, "trials", None) is not None and self._sampled() >= self.trials:  # absent: an older pickle
+            return Searcher.FINISHED
         else:
             config = self._sample_within_budget(trial_id)
         self._configs[trial_id] = config
         return config
+
+    def _sampled(self) -> int:
+        """The study's sampled trials, over every leg: asked or ended; not the over-budget samples it rejected, the
+        baselines' warm-start points, or trials an interrupted driver left running that Ray does not continue."""
+        import optuna
+
+        states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.FAIL)
+        return sum(not {"heuristic", "rejected"} & t.user_attrs.keys() and t.user_attrs.get("outcome") != "interrupted"
+                   for t in self._ot_study.get_trials(deepcopy=False, states=states))
 
     def _sample_within_budget(self, trial_id: str) -> dict:
         import optuna
@@ -107,6 +130,8 @@ class DimSearch(OptunaSearch):
         final = bool(result and result.get("final")) and not error
         values = _values(result) if final else None
         if config.get("heuristic"):
+            # in the study, which a resumed search reads, whatever Ray's saved state holds
+            self._ot_study.set_user_attr(f"{BASELINE_ENDED}{config['heuristic']}", trial_id)
             if values is not None and self.dim_space.contains(config) and not self._added(trial_id):
                 params = {k: config[k] for k in self.dim_space.distributions()}
                 trial = optuna.trial.create_trial(
@@ -146,7 +171,10 @@ class DimSearch(OptunaSearch):
         tracked = {t._trial_id for t in self._ot_trials.values()}
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if frozen._trial_id not in tracked:  # asked after the last save: its Ray trial was never saved
-                self._ot_study._storage.set_trial_user_attr(frozen._trial_id, "outcome", "interrupted")
+                # an outcome set already: the trial ended and its tell was lost (a kill between the two writes, or a
+                # full disk that cut the journal's last record); it stays one of the search's trials (``_sampled``)
+                if frozen.user_attrs.get("outcome") not in ("completed", "stopped_early", "failed"):
+                    self._ot_study._storage.set_trial_user_attr(frozen._trial_id, "outcome", "interrupted")
                 self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 log.info("study trial %d was left running by an interrupted search: marked FAIL", frozen.number)
 
