@@ -14,13 +14,12 @@ So a checkpoint is deleted here only once no saved experiment state can ask for 
 folder that knows its trial names a newer checkpoint of it, or records the trial as ended (TERMINATED: a restore never
 runs it again). Every state file counts, not only the newest: a resume moves a newest state that does not load aside
 for the one before it (``resume.repair``). A checkpoint newer than every saved state's is kept, as is everything of a
-trial no state knows yet. At most one prune every ``PRUNE_S``, on the driver; remote storage (a URI) is left alone.
+trial no state knows yet. Pruned on the driver after each state save; remote storage (a URI) is left alone.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -31,16 +30,7 @@ from ray.tune import Callback
 log = logging.getLogger(__name__)
 
 
-def _save_period() -> float:
-    """How often Ray saves its experiment state: ``TUNE_GLOBAL_CHECKPOINT_S`` seconds, or at least every 10 s ("auto",
-    Ray's default). Pruning more often would find nothing new to delete."""
-    try:
-        return max(0.1, float(os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "")))
-    except ValueError:
-        return 10.0
-
-
-PRUNE_S = _save_period()
+CHECK_S = 1.0  # how often the pruner looks for a new saved state (a stat of the state files)
 _INDEX = re.compile(rb"checkpoint_(\d{6})")
 
 
@@ -83,9 +73,10 @@ def _latest(metadata: dict) -> int | None:
     return max((int(i) for i in found), default=-1)
 
 
-def superseded(experiment: Path) -> list[Path]:
-    """The trials' checkpoint folders no saved experiment state of ``experiment`` needs (see the module's doc)."""
-    found = needed(experiment)
+def superseded(experiment: Path, found=None) -> list[Path]:
+    """The trials' checkpoint folders no saved experiment state of ``experiment`` needs (see the module's doc);
+    ``found``: what ``needed`` returned, when read already."""
+    found = found or needed(experiment)
     if found is None:
         return []
     keep, ended = found
@@ -118,21 +109,31 @@ def delete(paths: list[Path]) -> int:
 
 
 class Pruner(Callback):
-    """Deletes ``superseded`` checkpoints while the search runs, at most every ``PRUNE_S``, on Tune's driver loop
-    (reading the state files takes milliseconds; an unlink per checkpoint file)."""
+    """Deletes ``superseded`` checkpoints while the search runs, on Tune's driver loop, each time Ray has saved a new
+    experiment state: it looks every ``CHECK_S`` (a stat of the state files); reading them takes milliseconds, and
+    deleting is an unlink per checkpoint file."""
 
     def __init__(self, experiment: Path):
         self.experiment = experiment
         self.freed = 0
         self._next = 0.0
+        self._pruned_at: tuple = ()  # the state files (name, size, mtime) the last prune read
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
         if now < self._next:
             return
-        self._next = now + PRUNE_S
+        self._next = now + CHECK_S
         try:
-            freed = delete(superseded(self.experiment))
+            states = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns)
+                           for p in sorted(self.experiment.glob("experiment_state-*.json")))
+            if states == self._pruned_at:
+                return
+            found = needed(self.experiment)
+            if found is None:  # a state being written: read again at the next look
+                return
+            self._pruned_at = states
+            freed = delete(superseded(self.experiment, found))
         except OSError as e:  # the folder's disk: a failed prune must not end the search (the next one tries again)
             log.warning("could not delete superseded trial checkpoints in %s: %s", self.experiment, e)
             return
@@ -141,7 +142,7 @@ class Pruner(Callback):
             log.debug("deleted %.1f MB of superseded trial checkpoints", freed / 1e6)
 
     def __getstate__(self) -> dict:  # Ray pickles callbacks with its state; the next leg's pruner is its own
-        return {**self.__dict__, "_next": 0.0}
+        return {**self.__dict__, "_next": 0.0, "_pruned_at": ()}
 
 
 def prune_all(experiment: Path | str) -> None:

@@ -92,25 +92,36 @@ def test_what_cannot_be_told_is_kept(tmp_path, case):
     assert _left(tmp_path, "run_trial_aaaa") == [0, 1, 2]
 
 
-def test_the_pruner_deletes_at_most_once_per_period(tmp_path, monkeypatch):
+def test_the_pruner_deletes_after_each_new_state_and_looks_at_most_once_per_check(tmp_path, monkeypatch):
     _checkpoints(tmp_path, "run_trial_aaaa", 4)
     _state(tmp_path, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1])})
     pruner = checkpoints.Pruner(tmp_path)
     pruner.on_step_end(0, [])
     assert _left(tmp_path, "run_trial_aaaa") == [1, 2, 3] and pruner.freed == 100
-    _state(tmp_path, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1, 2, 3])})
-    pruner.on_step_end(1, [])  # within the period: not yet
+    _state(tmp_path, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1, 2, 3])})  # Ray's next save
+    pruner.on_step_end(1, [])  # within CHECK_S of the last look: not yet
     assert _left(tmp_path, "run_trial_aaaa") == [1, 2, 3]
-    monkeypatch.setattr(checkpoints, "PRUNE_S", 0.0)
-    pruner._next = 0.0
+    monkeypatch.setattr(checkpoints, "CHECK_S", 0.0)
+    pruner._next = 0.0  # as CHECK_S later
     pruner.on_step_end(2, [])
     assert _left(tmp_path, "run_trial_aaaa") == [3] and pruner.freed == 300
 
+    reads = []
+    monkeypatch.setattr(checkpoints, "needed", lambda experiment: reads.append(experiment))
+    pruner.on_step_end(3, [])  # no new state: nothing read
+    assert reads == []
+    state = tmp_path / "experiment_state-2026-12-03_10-00-00.json"
+    state.write_text(state.read_text()[:100])  # Ray's syncer copying the next one in place
+    pruner.on_step_end(4, [])
+    assert reads == [tmp_path]
 
-def test_the_save_period_follows_rays_setting(monkeypatch):
-    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
-    assert checkpoints._save_period() == 10.0
-    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "auto")
-    assert checkpoints._save_period() == 10.0
-    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "2.5")
-    assert checkpoints._save_period() == 2.5
+
+def test_a_restored_pruner_reads_the_states_again(tmp_path):
+    import pickle
+
+    _checkpoints(tmp_path, "run_trial_aaaa", 2)
+    _state(tmp_path, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1])})
+    pruner = checkpoints.Pruner(tmp_path)
+    pruner.on_step_end(0, [])
+    restored = pickle.loads(pickle.dumps(pruner))  # Ray's experiment state, restored by a resume
+    assert restored._pruned_at == () and restored._next == 0.0 and restored.experiment == tmp_path
