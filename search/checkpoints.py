@@ -29,7 +29,6 @@ from ray.tune import Callback
 
 log = logging.getLogger(__name__)
 
-
 CHECK_S = 1.0  # how often the pruner looks for a new saved state (a stat of the state files)
 _INDEX = re.compile(rb"checkpoint_(\d{6})")
 

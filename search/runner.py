@@ -260,7 +260,9 @@ def run_search(
                 if sigint is not None:  # Tune leaves its Ctrl-C handler set after fit: a Ctrl-C (or SIGTERM) while
                     signal.signal(signal.SIGINT, sigint)  # the front is concluded would set a dead flag, and be lost
             c, exp_id, parent_id = opened.result()
-            if runs.unfinished:  # Ray stops early on Ctrl-C / SIGUSR1
+            # Ray stops early on Ctrl-C / SIGUSR1. A resumed search may hold trials Ray never saved (counted below,
+            # from MLflow); a new one's trials are all Ray's, so it says so before asking the store
+            if runs.unfinished or (previous is None and len(grid) < settings.trials + len(heuristics)):
                 raise SearchInterrupted.of(settings)
             # The trials are done: the result files are written whether or not MLflow answers now. A tracking server
             # that is down at the end fails the search only after them (TrackingUnavailable), and a resume records
