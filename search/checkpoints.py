@@ -14,34 +14,55 @@ So a checkpoint is deleted here only once no saved experiment state can ask for 
 folder that knows its trial names a newer checkpoint of it, or records the trial as ended (TERMINATED: a restore never
 runs it again). Every state file counts, not only the newest: a resume moves a newest state that does not load aside
 for the one before it (``resume.repair``). A checkpoint newer than every saved state's is kept, as is everything of a
-trial no state knows yet. Pruned on the driver after each state save; remote storage (a URI) is left alone.
+trial no state knows yet. Pruned on the driver after each state save, on a folder or a bucket alike: the states and
+checkpoints are read and deleted through the filesystem Ray Tune writes them with (pyarrow's), and a resume reads the
+states from there too, so a state only the driver's disk holds (not yet uploaded) never counts.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import shutil
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 from ray.tune import Callback
 
 log = logging.getLogger(__name__)
 
-CHECK_S = 1.0  # how often the pruner looks for a new saved state (a stat of the state files)
+CHECK_S = 1.0  # how often the pruner looks for a new saved state (a listing of the experiment: one LIST on a bucket)
 _INDEX = re.compile(rb"checkpoint_(\d{6})")
+_STATE = re.compile(r"experiment_state-.+\.json")  # not resume.repair's corrupt-experiment_state-*
 
 
-def needed(experiment: Path) -> tuple[dict[str, set[int] | None], set[str]] | None:
+def filesystem(experiment: Path | str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a Ray Tune experiment (a folder, or a bucket URI such as ``s3://bucket/dir/NAME``) and its
+    path there, resolved as Ray Tune resolves its storage_path: ``pyarrow.fs.FileSystem.from_uri``."""
+    if isinstance(experiment, Path):
+        return pafs.LocalFileSystem(), str(experiment)
+    return pafs.FileSystem.from_uri(experiment)
+
+
+def _states(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """The experiment's saved states (``experiment_state-<start time>.json``, one per driver run), oldest first."""
+    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted((f for f in found if _STATE.fullmatch(f.base_name)), key=lambda f: f.base_name)
+
+
+def needed(experiment: Path | str, fs: pafs.FileSystem | None = None, root: str | None = None
+           ) -> tuple[dict[str, set[int] | None], set[str]] | None:
     """What the saved states of ``experiment`` need: per trial folder (relative to it), the checkpoint indices some
     state names (None: keep all its checkpoints, as a state names one this code cannot tell), and the folders of trials
     some state records as TERMINATED. None when a state file cannot be read now (being written): no prune."""
+    if fs is None:
+        fs, root = filesystem(experiment)
     keep: dict[str, set[int] | None] = {}
     ended: set[str] = set()
-    for state in sorted(experiment.glob("experiment_state-*.json")):
-        try:
-            trials = json.loads(state.read_text())["trial_data"]
+    try:
+        for state in _states(fs, root):
+            with fs.open_input_stream(state.path) as f:
+                trials = json.loads(f.readall())["trial_data"]
             for trial_json, metadata_json in trials:
                 trial, metadata = json.loads(trial_json), json.loads(metadata_json)
                 folder = trial["relative_logdir"]
@@ -51,8 +72,8 @@ def needed(experiment: Path) -> tuple[dict[str, set[int] | None], set[str]] | No
                 elif indices is not None:
                     latest = _latest(metadata)
                     keep[folder] = None if latest is None else indices | {latest}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     return keep, ended
 
 
@@ -72,10 +93,11 @@ def _latest(metadata: dict) -> int | None:
     return max((int(i) for i in found), default=-1)
 
 
-def superseded(experiment: Path, found=None) -> list[Path]:
-    """The trials' checkpoint folders no saved experiment state of ``experiment`` needs (see the module's doc);
-    ``found``: what ``needed`` returned, when read already."""
-    found = found or needed(experiment)
+def superseded(experiment: Path | str, found=None) -> list[str]:
+    """The trials' checkpoint folders (paths on the experiment's filesystem) no saved experiment state of ``experiment``
+    needs (see the module's doc); ``found``: what ``needed`` returned, when read already."""
+    fs, root = filesystem(experiment)
+    found = found or needed(experiment, fs, root)
     if found is None:
         return []
     keep, ended = found
@@ -84,35 +106,38 @@ def superseded(experiment: Path, found=None) -> list[Path]:
         if indices is None:
             continue
         newest = max(indices, default=-1)
-        for ckpt in (experiment / folder).glob("checkpoint_*"):
-            m = _INDEX.fullmatch(ckpt.name.encode())
-            if m is None or not ckpt.is_dir():
+        for ckpt in fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", allow_not_found=True)):
+            m = _INDEX.fullmatch(ckpt.base_name.encode())
+            if m is None or ckpt.type != pafs.FileType.Directory:
                 continue
             index = int(m.group(1))
             # one a state names stays; of the rest, those before the newest named, or all once the trial has ended
             if index not in indices and (folder in ended or index < newest):
-                out.append(ckpt)
+                out.append(ckpt.path)
     return sorted(out)
 
 
-def delete(paths: list[Path]) -> int:
-    """Remove checkpoint folders; the bytes freed."""
+def delete(experiment: Path | str, paths: list[str]) -> int:
+    """Remove checkpoint folders (paths on the experiment's filesystem); the bytes freed."""
+    fs, _ = filesystem(experiment)
     freed = 0
     for ckpt in paths:
         try:
-            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-        except OSError:  # removed meanwhile
+            size = sum(f.size or 0 for f in fs.get_file_info(pafs.FileSelector(ckpt, recursive=True)))
+            fs.delete_dir(ckpt)
+        except FileNotFoundError:  # removed meanwhile
             continue
-        shutil.rmtree(ckpt, ignore_errors=True)
+        freed += size
     return freed
 
 
 class Pruner(Callback):
     """Deletes ``superseded`` checkpoints while the search runs, on Tune's driver loop, each time Ray has saved a new
-    experiment state: it looks every ``CHECK_S`` (a stat of the state files); reading them takes milliseconds, and
-    deleting is an unlink per checkpoint file."""
+    experiment state: it looks every ``CHECK_S`` (a listing of the experiment folder, or one LIST request of tens of
+    milliseconds on a bucket); reading the states takes milliseconds, and deleting is an unlink per checkpoint file (a
+    batched DELETE request on a bucket)."""
 
-    def __init__(self, experiment: Path):
+    def __init__(self, experiment: Path | str):
         self.experiment = experiment
         self.freed = 0
         self._next = 0.0
@@ -124,16 +149,16 @@ class Pruner(Callback):
             return
         self._next = now + CHECK_S
         try:
-            states = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns)
-                           for p in sorted(self.experiment.glob("experiment_state-*.json")))
+            fs, root = filesystem(self.experiment)
+            states = tuple((f.base_name, f.size, f.mtime_ns) for f in _states(fs, root))
             if states == self._pruned_at:
                 return
-            found = needed(self.experiment)
+            found = needed(self.experiment, fs, root)
             if found is None:  # a state being written: read again at the next look
                 return
             self._pruned_at = states
-            freed = delete(superseded(self.experiment, found))
-        except OSError as e:  # the folder's disk: a failed prune must not end the search (the next one tries again)
+            freed = delete(self.experiment, superseded(self.experiment, found))
+        except OSError as e:  # the disk or the bucket: a failed prune must not end the search (the next look retries)
             log.warning("could not delete superseded trial checkpoints in %s: %s", self.experiment, e)
             return
         if freed:
@@ -146,7 +171,13 @@ class Pruner(Callback):
 
 def prune_all(experiment: Path | str) -> None:
     """Delete the trials' epoch checkpoints of a finished search: they serve only to resume unfinished trials."""
-    if not isinstance(experiment, Path):  # remote storage (URI): left to the bucket's lifecycle rules
+    try:
+        fs, root = filesystem(experiment)
+        trial_checkpoint = re.compile(re.escape(root.rstrip("/")) + r"/[^/]+/checkpoint_\d{6}")
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))  # one listing
+        freed = delete(experiment, [f.path for f in found
+                                    if f.type == pafs.FileType.Directory and trial_checkpoint.fullmatch(f.path)])
+    except OSError as e:  # the search's result is written: what is left only takes space
+        log.warning("could not delete the trial checkpoints of %s: %s", experiment, e)
         return
-    freed = delete([ckpt for ckpt in experiment.glob("*/checkpoint_*") if ckpt.is_dir()])
     log.info("deleted the trial checkpoints of %s (%.1f MB)", experiment, freed / 1e6)

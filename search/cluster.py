@@ -18,6 +18,7 @@ import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,16 @@ def check_cluster(
     info = ClusterInfo(len(nodes), total.get("CPU", 0.0), total.get("GPU", 0.0), storage)
     log.info("Ray cluster: %d node(s), %g CPUs, %g GPUs; storage %s", info.nodes, info.cpus, info.gpus, storage)
     return info
+
+
+def experiment_path(storage: str, name: str) -> Path | str:
+    """Where Ray Tune writes experiment ``name`` under its storage_path: a folder, or a URI with ``/name`` added to its
+    path, before any query (``s3://bucket/dir?endpoint_override=HOST:9000`` -> ``s3://bucket/dir/name?endpoint_...``),
+    as Ray Tune joins them."""
+    if not is_uri(storage):
+        return Path(storage) / name
+    parts = urlsplit(storage)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
 
 
 def storage_path(path: str | None, default: Path) -> str:

@@ -132,7 +132,7 @@ def run_search(
     from ray.tune.logger import JsonLoggerCallback
 
     from . import checkpoints, preflight, resume, tracking
-    from .cluster import is_uri
+    from .cluster import experiment_path, is_uri
     from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
 
@@ -161,7 +161,7 @@ def run_search(
         resume.check_same(previous, identity, settings.name)
     # Ray Tune's experiment: a folder, or a URI string on remote storage (a Path would mangle s3://)
     storage = settings.storage
-    experiment = f"{storage}/{settings.name}" if is_uri(storage) else Path(storage) / settings.name
+    experiment = experiment_path(storage, settings.name)
     # A Ray that runs already (a cluster, or one the caller started) is checked before anything is written, as
     # preflight's checks are: a refused search leaves no output folder and no FAILED run. A local Ray is started
     # below, while MLflow opens; it is one node, and the CLI has checked that a trial fits it.
@@ -240,11 +240,10 @@ def run_search(
                     run_config=tune.RunConfig(
                         name=settings.name,
                         storage_path=settings.storage,
-                        # the pruner deletes the checkpoints no saved experiment state needs any more (on local
-                        # storage; checkpoints.py says why Ray's num_to_keep does not do), and prune_all the rest
+                        # the pruner deletes the checkpoints no saved experiment state needs any more (in a folder
+                        # or a bucket; checkpoints.py says why Ray's num_to_keep does not do), and prune_all the rest
                         # once the search has finished
-                        callbacks=[runs, JsonLoggerCallback(),
-                                   *([checkpoints.Pruner(experiment)] if isinstance(experiment, Path) else [])],
+                        callbacks=[runs, JsonLoggerCallback(), checkpoints.Pruner(experiment)],
                         verbose=0,
                         failure_config=failures,
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),

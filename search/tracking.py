@@ -499,7 +499,11 @@ class TrialRuns(Callback):
         # the run's record as it was, so its model_bytes, best AUC and tags are sent again with the next epoch
         pending: dict[str, dict] = {}
         now = int(time.time() * 1000)
-        for trial_id, config, result in results:
+        # a trial restored from a checkpoint sends the epochs the checkpoint holds with its first result
+        # (trial.RESTORED): those a killed driver had not logged yet are logged before it
+        epochs = [(trial_id, config, epoch) for trial_id, config, result in results
+                  for epoch in [*result.get("restored", ()), result]]
+        for trial_id, config, result in epochs:
             run_id = self._run_for(trial_id, config)
             step = int(result.get("epoch", result.get("training_iteration", 0)))
             if step <= self.logged.get(trial_id, 0):

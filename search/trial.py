@@ -80,6 +80,9 @@ def train_config(settings: TrialSettings, overrides: dict) -> TrainConfig:
     return replace(base, **overrides)
 
 
+RESTORED = ("epoch", "val_auc", "val_logloss", "train_loss", "best_val_auc")  # of each epoch a checkpoint holds
+
+
 def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: TrialSettings) -> None:
     from ray import tune
 
@@ -96,10 +99,13 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
     start = len(resume["history"]) if resume else 0
     best_epoch = _best_epoch(resume["history"]) if resume else 0
     _inject(faults, start, resumed=start)
+    # The epochs the checkpoint holds go with the first report: a driver killed after Ray saved its state but before
+    # its MLflow writer had logged them would leave them out of the run's curves (MLflow keeps each epoch once).
+    restored = {"restored": [{k: h[k] for k in RESTORED} for h in resume["history"]]} if resume else {}
     if last is not None and (last["final"] or start >= cfg.max_epochs):
         # The checkpoint is of the trial's last epoch (it finished after the search's last state save): report the
         # same result again so Ray, the searcher and MLflow see the trial end as it did.
-        tune.report({**last, **where})
+        tune.report({**last, **where, **restored})
         return
 
     # with faults injected every report waits, so a fault lands after exactly the reports it names
@@ -127,7 +133,9 @@ def run_trial(config: dict, data: EncodedDataset, space: SearchSpace, settings: 
             "final": final,
             "ended": ("converged" if converged else "max_epochs") if final else "",
             **where,
+            **restored,
         }
+        restored.clear()  # the first report only
         _inject(faults, r.epoch, resumed=start, before_report=True)
         tmp = None
         if final or time.monotonic() - last_checkpoint >= interval:

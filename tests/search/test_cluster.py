@@ -23,6 +23,7 @@ from search.cluster import (
     check_gpus_per_trial,
     check_storage_path,
     check_tracking_uri,
+    experiment_path,
     is_uri,
     read_marker,
     storage_path,
@@ -78,6 +79,15 @@ def test_storage_path_defaults_to_output_folder_and_keeps_uris(tmp_path, monkeyp
     assert storage_path("file:///mnt/nfs/ray", tmp_path) == "/mnt/nfs/ray"
     assert storage_path("s3://bucket/embsize?endpoint_override=minio:9000", tmp_path).startswith("s3://bucket/")
     assert is_uri("gs://b/p") and not is_uri("/mnt/nfs") and not is_uri("file:///mnt/nfs")
+
+
+def test_the_experiment_goes_under_the_storage_path_before_a_uris_query():
+    """As Ray Tune joins them: a resume and the checkpoint pruner look where Ray wrote (s3://b/dir?q/NAME is no path)."""
+    from ray.air._internal.uri_utils import URI  # Ray's own join, private: checked here, not imported by the code
+
+    for storage in ["s3://bucket/dir?endpoint_override=127.0.0.1:9000&scheme=http", "s3://bucket", "gs://b/p/"]:
+        assert experiment_path(storage, "exp") == str(URI(storage) / "exp")
+    assert experiment_path("/mnt/nfs/ray", "exp") == Path("/mnt/nfs/ray/exp")
 
 
 def test_check_fits_refuses_trials_no_node_can_hold():

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 
 from pipelines import ModelConfig, SyntheticSpec, TrainConfig, generate, prepare, train
+from search import checkpoints
 from search.cli import main
+from search.cluster import experiment_path
 from search.trial import DIVERGENT_LR, Fault, _best_epoch, load_checkpoint, parse_faults, save_checkpoint
 
 from .local_cluster import BIN, LocalCluster
@@ -359,43 +362,65 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
-def _named_checkpoints(experiment: Path) -> dict[str, Path]:
-    """Per trial, the checkpoint the newest saved experiment state names (what a resume restores it from), read with
-    Ray's own decoder: the pruner reads the names without it."""
+def _named_checkpoints(experiment: Path | str) -> dict[str, str]:
+    """Per trial, the checkpoint the newest saved experiment state names (what a resume restores it from; a path on the
+    experiment's filesystem), read with Ray's own decoder: the pruner reads the names without it."""
     from ray.tune.utils.serialization import TuneFunctionDecoder
 
-    state = max(experiment.glob("experiment_state-*.json"))
+    fs, root = checkpoints.filesystem(experiment)
+    state = max(f.path for f in fs.get_file_info(pafs.FileSelector(root)) if f.base_name.startswith("experiment_state"))
+    with fs.open_input_stream(state) as f:
+        trial_data = json.loads(f.readall())["trial_data"]
     named = {}
-    for trial_json, metadata_json in json.loads(state.read_text())["trial_data"]:
+    for trial_json, metadata_json in trial_data:
         trial = json.loads(trial_json)
         metadata = json.loads(metadata_json, cls=TuneFunctionDecoder, allow_cloudpickle=True)  # a file of this test
         latest = metadata["checkpoint_manager"].latest_checkpoint_result
         if latest is not None and trial["status"] != "TERMINATED":
-            named[trial["trial_id"]] = Path(latest.checkpoint.path)
+            named[trial["trial_id"]] = latest.checkpoint.path
     return named
 
 
+def _trial_checkpoints(experiment: Path | str) -> dict[str, set[str]]:
+    """Per trial folder, the names of its checkpoint folders now (one listing of the experiment)."""
+    fs, root = checkpoints.filesystem(experiment)
+    found: dict[str, set[str]] = {}
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        parts = f.path[len(root):].strip("/").split("/")
+        if len(parts) == 2 and parts[0].startswith("run_trial_") and parts[1].startswith("checkpoint_"):
+            found.setdefault(parts[0], set()).add(parts[1])
+    return found
+
+
 @pytest.mark.slow
-def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driver_still_resumes(tmp_path):
-    """Every checkpoint used to stay until the search ended: at a 1M-category table hundreds of MB each, a disk's worth
-    over a long search. Those no saved Ray state names are now deleted as the search goes (checkpoints.py); a driver
-    killed meanwhile resumes every trial from the checkpoint its state names."""
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driver_still_resumes(tmp_path, where,
+                                                                                                request):
+    """Every checkpoint used to stay until the search ended: at a 1M-category table hundreds of MB each, a disk's (or
+    a bucket's) worth over a long search. Those no saved Ray state names are now deleted as the search goes
+    (checkpoints.py), in the default folder and in an S3 bucket (`--storage-path s3://...`); a driver killed meanwhile
+    resumes every trial from the checkpoint its state names."""
     args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "8", "--patience", "0", "--num-cpus", "2",
             "--no-heuristics", "--scheduler", "fifo", "--checkpoint-every", "0", "--name", "prune"]
+    if where == "folder":
+        experiment = tmp_path / "embsize-out" / "prune" / "ray" / "prune"
+    else:
+        storage = request.getfixturevalue("s3_storage")
+        args += ["--storage-path", storage]
+        experiment = experiment_path(storage, "prune")
+    fs, _ = checkpoints.filesystem(experiment)
     ray_tmp = _ray_tmp()
     # a checkpoint per epoch, an epoch per ~1 s, and Ray's state saved (so pruned) every second instead of every 10
     env = _env(ray_tmp, EMBSIZE_FAULT_INJECT="sleep=1", TUNE_GLOBAL_CHECKPOINT_S="1")
-    experiment = tmp_path / "embsize-out" / "prune" / "ray" / "prune"
     seen: dict[str, set[str]] = {}
-    most = 0  # the most checkpoints one trial had on disk at once
+    most = 0  # the most checkpoints one trial had at once
     try:
         p = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and p.poll() is None:
-            for trial in experiment.glob("run_trial_*"):
-                present = {c.name for c in trial.glob("checkpoint_*")}
-                seen.setdefault(trial.name, set()).update(present)
+            for trial, present in _trial_checkpoints(experiment).items():
+                seen.setdefault(trial, set()).update(present)
                 most = max(most, len(present))
             if len(seen) == 2 and all(len(names) >= 5 for names in seen.values()):
                 p.kill()  # SIGKILL mid-search: no last state save, no cleanup
@@ -406,7 +431,7 @@ def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driv
         _stop_processes_under(ray_tmp)
         # the state a resume restores from names checkpoints that are all there
         named = _named_checkpoints(experiment)
-        assert named and all((path / "trainer.pt").is_file() for path in named.values()), named
+        assert named and all(fs.get_file_info(f"{path}/trainer.pt").is_file for path in named.values()), named
         resumed = _resume(tmp_path, "prune", ray_tmp)
     finally:
         _stop_processes_under(ray_tmp)
@@ -415,7 +440,7 @@ def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driv
     c, _, children = _finished(tmp_path, "prune", 2, resumed)
     for run in children:  # each trial went on from its checkpoint to epoch 8: every epoch in MLflow once
         assert [m.step for m in c.get_metric_history(run.info.run_id, "val_auc")] == list(range(1, 9))
-    assert not list(experiment.rglob("checkpoint_*"))  # and the rest went when the search finished
+    assert _trial_checkpoints(experiment) == {}  # and the rest went when the search finished
 
 
 @pytest.mark.slow

@@ -74,12 +74,17 @@ def _opened(uri: str):
 AUCS = [0.60, 0.58, 0.65, 0.66]
 
 
-def _report(runs, trial: _Trial, epochs, max_epochs: int = len(AUCS)) -> None:
+def _report(runs, trial: _Trial, epochs, max_epochs: int = len(AUCS), restored=()) -> None:
+    """Results of ``epochs``; the first carries ``restored`` epochs' metrics, as a trial restored from a checkpoint's."""
     for epoch in epochs:
         auc = AUCS[epoch - 1]
         result = {"epoch": epoch, "val_auc": auc, "val_logloss": 0.6, "train_loss": 0.5,
                   "best_val_auc": max(AUCS[:epoch]), "model_bytes": 1234, "final": epoch == max_epochs,
                   "ended": "max_epochs" if epoch == max_epochs else "", "node": "10.0.0.1", "device": "cpu"}
+        if restored:
+            result["restored"] = [{"epoch": e, "val_auc": AUCS[e - 1], "val_logloss": 0.6, "train_loss": 0.5,
+                                   "best_val_auc": max(AUCS[:e])} for e in restored]
+            restored = ()
         trial.last_result = result
         runs.on_trial_result(0, [], trial, result)
 
@@ -153,6 +158,41 @@ def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tra
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
     assert _history(c, run.info.run_id, "model_bytes") == [(1, 1234.0)]
     assert _history(c, run.info.run_id, "best_val_auc") == [(1, 0.60), (3, 0.65), (4, 0.66)]
+
+
+def test_a_restored_trial_logs_the_epochs_its_checkpoint_holds_that_a_killed_driver_had_not(tracking_uri):
+    # a kill -9 after Ray saved its state naming the epoch-3 checkpoint, before the writer had logged epoch 3: the
+    # trial went on from epoch 4, and its run's curves lacked step 3 (val_auc steps 1, 2, 4)
+    import pickle
+
+    from search import tracking
+
+    opened = _opened(tracking_uri)
+    c, exp, parent = opened.result()
+    first = tracking.TrialRuns(tracking_uri, opened)
+    first.GATHER_S = 0.05
+    saved = pickle.dumps(first)
+    trial = _Trial("t1", {"dim.a": 4})
+    first.on_trial_start(0, [], trial)
+    _report(first, trial, [1, 2])
+    first.close()
+    assert tracking.close_interrupted(c, exp, parent) == 1
+
+    runs = pickle.loads(saved)
+    runs.rewire(tracking_uri, opened)
+    runs.GATHER_S = 0.05
+    trial = _Trial("t1", {"dim.a": 4})
+    runs.on_trial_start(0, [], trial)
+    _report(runs, trial, [4], restored=[1, 2, 3])  # from the epoch-3 checkpoint
+    runs.on_trial_complete(0, [], trial)
+    runs.close()
+
+    (run,) = tracking.child_runs(c, exp, parent)
+    for key in ("val_auc", "val_logloss", "train_loss"):
+        assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
+    assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
+    assert _history(c, run.info.run_id, "best_val_auc") == [(1, 0.60), (3, 0.65), (4, 0.66)]
+    assert _history(c, run.info.run_id, "model_bytes") == [(1, 1234.0)]
 
 
 class _FlakyClient:
