@@ -82,7 +82,7 @@ def test_storage_path_defaults_to_output_folder_and_keeps_uris(tmp_path, monkeyp
 
 
 def test_the_experiment_goes_under_the_storage_path_before_a_uris_query():
-    """As Ray Tune joins them: a resume and the checkpoint pruner look where Ray wrote (s3://b/dir?q/NAME is no path)."""
+    """As Ray Tune joins them: a resume and the checkpoint pruner look where Ray wrote (not at s3://b/dir?q/NAME)."""
     from ray.air._internal.uri_utils import URI  # Ray's own join, private: checked here, not imported by the code
 
     for storage in ["s3://bucket/dir?endpoint_override=127.0.0.1:9000&scheme=http", "s3://bucket", "gs://b/p/"]:

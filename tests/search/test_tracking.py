@@ -75,7 +75,7 @@ AUCS = [0.60, 0.58, 0.65, 0.66]
 
 
 def _report(runs, trial: _Trial, epochs, max_epochs: int = len(AUCS), restored=()) -> None:
-    """Results of ``epochs``; the first carries ``restored`` epochs' metrics, as a trial restored from a checkpoint's."""
+    """Results of ``epochs``; the first carries ``restored`` epochs' metrics, as a restored trial's first does."""
     for epoch in epochs:
         auc = AUCS[epoch - 1]
         result = {"epoch": epoch, "val_auc": auc, "val_logloss": 0.6, "train_loss": 0.5,
