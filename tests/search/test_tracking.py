@@ -126,9 +126,10 @@ def test_a_retried_trial_logs_each_epoch_once(tracking_uri, tmp_path):
     assert runs.errors == []
 
 
-def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tracking_uri):
-    # the restored callback forgot what the run had been given: a continued trial logged model_bytes a second time
-    # (steps 1 and 3) and best_val_auc again though it had not improved
+def _resumed_run(tracking_uri: str, before: list[int], after: list[int], restored=()):
+    """A trial's run over two legs of a search: epochs ``before`` reported, the driver stopped (Ctrl-C: the runner
+    closes the writer, then the runs left open), the callback restored as ``Tuner.restore`` does, and epochs ``after``
+    reported to the trial's end, the first carrying ``restored``. Returns the client and the run."""
     import pickle
 
     from search import tracking
@@ -140,8 +141,8 @@ def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tra
     saved = pickle.dumps(first)  # Ray pickles the callbacks when the Tuner is built (tuner.pkl)
     trial = _Trial("t1", {"dim.a": 4})
     first.on_trial_start(0, [], trial)
-    _report(first, trial, [1, 2])
-    first.close()  # Ctrl-C: the runner closes the writer, then the runs left open
+    _report(first, trial, before)
+    first.close()
     assert tracking.close_interrupted(c, exp, parent) == 1
 
     runs = pickle.loads(saved)  # Tuner.restore
@@ -149,11 +150,17 @@ def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tra
     runs.GATHER_S = 0.05
     trial = _Trial("t1", {"dim.a": 4})
     runs.on_trial_start(0, [], trial)
-    _report(runs, trial, [1, 2, 3, 4])  # from its start: no checkpoint was saved before the interruption
+    _report(runs, trial, after, restored=restored)
     runs.on_trial_complete(0, [], trial)
     runs.close()
-
     (run,) = tracking.child_runs(c, exp, parent)
+    return c, run
+
+
+def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tracking_uri):
+    # the restored callback forgot what the run had been given: a continued trial logged model_bytes a second time
+    # (steps 1 and 3) and best_val_auc again though it had not improved
+    c, run = _resumed_run(tracking_uri, [1, 2], [1, 2, 3, 4])  # from its start: no checkpoint was saved before
     assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
     assert _history(c, run.info.run_id, "model_bytes") == [(1, 1234.0)]
@@ -163,31 +170,7 @@ def test_a_resumed_trial_logs_model_bytes_once_and_best_auc_when_it_improves(tra
 def test_a_restored_trial_logs_the_epochs_its_checkpoint_holds_that_a_killed_driver_had_not(tracking_uri):
     # a kill -9 after Ray saved its state naming the epoch-3 checkpoint, before the writer had logged epoch 3: the
     # trial went on from epoch 4, and its run's curves lacked step 3 (val_auc steps 1, 2, 4)
-    import pickle
-
-    from search import tracking
-
-    opened = _opened(tracking_uri)
-    c, exp, parent = opened.result()
-    first = tracking.TrialRuns(tracking_uri, opened)
-    first.GATHER_S = 0.05
-    saved = pickle.dumps(first)
-    trial = _Trial("t1", {"dim.a": 4})
-    first.on_trial_start(0, [], trial)
-    _report(first, trial, [1, 2])
-    first.close()
-    assert tracking.close_interrupted(c, exp, parent) == 1
-
-    runs = pickle.loads(saved)
-    runs.rewire(tracking_uri, opened)
-    runs.GATHER_S = 0.05
-    trial = _Trial("t1", {"dim.a": 4})
-    runs.on_trial_start(0, [], trial)
-    _report(runs, trial, [4], restored=[1, 2, 3])  # from the epoch-3 checkpoint
-    runs.on_trial_complete(0, [], trial)
-    runs.close()
-
-    (run,) = tracking.child_runs(c, exp, parent)
+    c, run = _resumed_run(tracking_uri, [1, 2], [4], restored=[1, 2, 3])  # from the epoch-3 checkpoint
     for key in ("val_auc", "val_logloss", "train_loss"):
         assert [s for s, _ in _history(c, run.info.run_id, key)] == [1, 2, 3, 4], key
     assert _history(c, run.info.run_id, "val_auc") == list(zip([1, 2, 3, 4], AUCS))
