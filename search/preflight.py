@@ -114,12 +114,17 @@ def _mlflow_schemes() -> set[str]:
 
 def check_storage_uri(uri: str, timeout: float = TIMEOUT) -> None:
     """A remote Ray Tune storage path (``s3://bucket/dir``, ``gs://...``) answers: its filesystem (pyarrow's, as Ray
-    Tune uses) can look the path up. Absent is fine (Tune creates it); no answer or no access is not."""
+    Tune uses) can look the path up. An absent path is fine (Tune creates it); no answer, no access or no such bucket
+    is not (Tune creates folders, not buckets: it failed with pyarrow's traceback after the output folder existed)."""
     def probe() -> None:
         import pyarrow.fs
 
         fs, path = pyarrow.fs.FileSystem.from_uri(uri)
         fs.get_file_info(path)
+        bucket = path.split("/", 1)[0]
+        if fs.type_name in ("s3", "gcs") and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise _WrongService(f"names bucket '{bucket}', which does not exist",
+                                f"create it (e.g. `aws s3 mb s3://{bucket}`) or fix --storage-path")
 
     _within(timeout, probe, f"Ray Tune storage '{redact(uri)}'",
             "check the bucket, its credentials and endpoint, or pass --storage-path a folder every node mounts")

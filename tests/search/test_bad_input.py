@@ -220,6 +220,23 @@ def test_bad_input_in_a_real_process(args, fragment, files, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_storage_bucket_that_does_not_exist_is_refused_before_anything_is_written(s3_endpoint, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Ray Tune creates the storage path's folders but not its bucket: a search given a missing bucket failed with
+    pyarrow's traceback ("Bucket 'nobucket' not found") once the output folder existed. On a local S3 server."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = f"s3://no-such-bucket/ray?endpoint_override={s3_endpoint}&scheme=http"
+    code = main(["search", *SMALL, "--storage-path", uri])
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1, captured.err
+    assert err[0] == (f"embsize: error: Ray Tune storage '{uri}' names bucket 'no-such-bucket', which does not exist; "
+                      "create it (e.g. `aws s3 mb s3://no-such-bucket`) or fix --storage-path")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_disk_too_full_for_a_search_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A search on a nearly full disk died mid-way with Optuna's or Ray's OSError traceback and left its state files
     cut short. The floor is raised here past any disk's free space; the real check (shutil.disk_usage) runs."""
