@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -132,22 +133,36 @@ def delete(experiment: Path | str, paths: list[str]) -> int:
 
 
 class Pruner(Callback):
-    """Deletes ``superseded`` checkpoints while the search runs, on Tune's driver loop, each time Ray has saved a new
-    experiment state: it looks every ``CHECK_S`` (a listing of the experiment folder, or one LIST request of tens of
-    milliseconds on a bucket); reading the states takes milliseconds, and deleting is an unlink per checkpoint file (a
-    batched DELETE request on a bucket)."""
+    """Deletes ``superseded`` checkpoints while the search runs, each time Ray has saved a new experiment state: every
+    ``CHECK_S`` Tune's loop starts a look on a thread of its own (unless the last one still runs), so the loop never
+    waits for it. A look lists the experiment folder (one LIST request of tens of milliseconds on a bucket); reading
+    the states takes milliseconds, and deleting is an unlink per checkpoint file (a batched DELETE on a bucket)."""
 
     def __init__(self, experiment: Path | str):
         self.experiment = experiment
         self.freed = 0
         self._next = 0.0
         self._pruned_at: tuple = ()  # the state files (name, size, mtime) the last prune read
+        self._look: threading.Thread | None = None
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
-        if now < self._next:
+        if now < self._next or (self._look is not None and self._look.is_alive()):
             return
         self._next = now + CHECK_S
+        self._look = threading.Thread(target=self.prune, name="embsize-checkpoint-pruner", daemon=True)
+        self._look.start()
+
+    def on_experiment_end(self, trials, **info):
+        self.wait()  # before the runner's prune_all, which deletes the rest
+
+    def wait(self) -> None:
+        """Until the look under way (if any) has ended."""
+        if self._look is not None:
+            self._look.join()
+
+    def prune(self) -> None:
+        """One look: if the saved states changed since the last prune, delete what they no longer need."""
         try:
             fs, root = filesystem(self.experiment)
             states = tuple((f.base_name, f.size, f.mtime_ns) for f in _states(fs, root))
@@ -166,7 +181,7 @@ class Pruner(Callback):
             log.debug("deleted %.1f MB of superseded trial checkpoints", freed / 1e6)
 
     def __getstate__(self) -> dict:  # Ray pickles callbacks with its state; the next leg's pruner is its own
-        return {**self.__dict__, "_next": 0.0, "_pruned_at": ()}
+        return {**self.__dict__, "_next": 0.0, "_pruned_at": (), "_look": None}
 
 
 def prune_all(experiment: Path | str) -> None:

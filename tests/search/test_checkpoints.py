@@ -123,22 +123,27 @@ def test_the_pruner_deletes_after_each_new_state_and_looks_at_most_once_per_chec
     _state(experiment, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1])})
     pruner = checkpoints.Pruner(experiment)
     pruner.on_step_end(0, [])
+    pruner.wait()
     assert _left(experiment, "run_trial_aaaa") == [1, 2, 3] and pruner.freed == 100
     _state(experiment, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1, 2, 3])})  # Ray's next save
     pruner.on_step_end(1, [])  # within CHECK_S of the last look: not yet
+    pruner.wait()
     assert _left(experiment, "run_trial_aaaa") == [1, 2, 3]
     monkeypatch.setattr(checkpoints, "CHECK_S", 0.0)
     pruner._next = 0.0  # as CHECK_S later
     pruner.on_step_end(2, [])
+    pruner.wait()
     assert _left(experiment, "run_trial_aaaa") == [3] and pruner.freed == 300
 
     reads = []
     monkeypatch.setattr(checkpoints, "needed", lambda experiment, *where: reads.append(experiment))
     pruner.on_step_end(3, [])  # no new state: nothing read
+    pruner.wait()
     assert reads == []
     state = "experiment_state-2026-12-03_10-00-00.json"
     _write(experiment, state, _read(experiment, state)[:100])  # Ray's syncer copying the next one in place
     pruner.on_step_end(4, [])
+    pruner.wait()
     assert reads == [experiment]
 
 
@@ -149,5 +154,33 @@ def test_a_restored_pruner_reads_the_states_again(experiment):
     _state(experiment, "2026-12-03_10-00-00", {"run_trial_aaaa": ("RUNNING", [0, 1])})
     pruner = checkpoints.Pruner(experiment)
     pruner.on_step_end(0, [])
+    pruner.wait()
     restored = pickle.loads(pickle.dumps(pruner))  # Ray's experiment state, restored by a resume
     assert restored._pruned_at == () and restored._next == 0.0 and restored.experiment == experiment
+
+
+def test_tunes_loop_never_waits_for_a_look_and_looks_do_not_overlap(tmp_path, monkeypatch):
+    """On a bucket a look is a LIST request (tens of ms, more on a slow link): it runs on a thread of its own, and the
+    next one starts only once it has ended."""
+    import threading
+    import time
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_listing(fs, root):
+        started.set()
+        release.wait(10)
+        return []
+
+    monkeypatch.setattr(checkpoints, "_states", slow_listing)
+    monkeypatch.setattr(checkpoints, "CHECK_S", 0.0)
+    pruner = checkpoints.Pruner(tmp_path)
+    t0 = time.monotonic()
+    pruner.on_step_end(0, [])
+    assert started.wait(5)
+    look = pruner._look
+    pruner.on_step_end(1, [])  # the look still runs: no second one
+    assert pruner._look is look and look.is_alive() and time.monotonic() - t0 < 1
+    release.set()
+    pruner.on_experiment_end([])  # waits for it, before the runner's prune_all
+    assert not look.is_alive()
