@@ -14,9 +14,9 @@ So a checkpoint is deleted here only once no saved experiment state can ask for 
 folder that knows its trial names a newer checkpoint of it, or records the trial as ended (TERMINATED: a restore never
 runs it again). Every state file counts, not only the newest: a resume moves a newest state that does not load aside
 for the one before it (``resume.repair``). A checkpoint newer than every saved state's is kept, as is everything of a
-trial no state knows yet. Pruned on the driver after each state save, on a folder or a bucket alike: the states and
-checkpoints are read and deleted through the filesystem Ray Tune writes them with (pyarrow's), and a resume reads the
-states from there too, so a state only the driver's disk holds (not yet uploaded) never counts.
+trial no state knows yet. Pruned by the driver (on a thread) after each state save, on a folder or a bucket alike:
+the states and checkpoints are read and deleted through the filesystem Ray Tune writes them with (pyarrow's), and a
+resume reads the states from there too, so a state only the driver's disk holds (not yet uploaded) never counts.
 """
 from __future__ import annotations
 
