@@ -20,6 +20,7 @@ resume reads the states from there too, so a state only the driver's disk holds 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -37,9 +38,12 @@ _INDEX = re.compile(rb"checkpoint_(\d{6})")
 _STATE = re.compile(r"experiment_state-.+\.json")  # not resume.repair's corrupt-experiment_state-*
 
 
+@functools.lru_cache(maxsize=16)
 def filesystem(experiment: Path | str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of a Ray Tune experiment (a folder, or a bucket URI such as ``s3://bucket/dir/NAME``) and its
-    path there, resolved as Ray Tune resolves its storage_path: ``pyarrow.fs.FileSystem.from_uri``."""
+    path there, resolved as Ray Tune resolves its storage_path: ``pyarrow.fs.FileSystem.from_uri``. Resolved once per
+    experiment: a look calls this several times a second, and a new S3 filesystem resolves its credentials again (an
+    instance-metadata request on a cloud VM)."""
     if isinstance(experiment, Path):
         return pafs.LocalFileSystem(), str(experiment)
     return pafs.FileSystem.from_uri(experiment)

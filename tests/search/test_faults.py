@@ -368,7 +368,7 @@ def _named_checkpoints(experiment: Path | str) -> dict[str, str]:
     from ray.tune.utils.serialization import TuneFunctionDecoder
 
     fs, root = checkpoints.filesystem(experiment)
-    state = max(f.path for f in fs.get_file_info(pafs.FileSelector(root)) if f.base_name.startswith("experiment_state"))
+    state = checkpoints._states(fs, root)[-1].path  # the newest, as the pruner lists them
     with fs.open_input_stream(state) as f:
         trial_data = json.loads(f.readall())["trial_data"]
     named = {}
