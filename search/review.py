@@ -228,8 +228,8 @@ def _fixed(c, run_id: str, recipe, children: list) -> Fixed:
 
         return Fixed(ModelConfig.hidden, ModelConfig.dropout, TrainConfig.lr, {})
     # A trial config lacks exactly the values the search did not vary, so the recommended trial's recipe holds them.
-    # Pinned dims too, unless the recommendation is a heuristic baseline (baselines set every dim themselves): then
-    # the pins come from a sampled trial's row of the trials.csv artifact.
+    # Pinned dims too, unless the recommendation is a heuristic baseline: then the pins come from a sampled trial's row
+    # of the trials.csv artifact (searches before 2026-12-04 gave the baselines the rule's dim for a pinned feature).
     by_id = {r.data.tags.get("trial_id"): r for r in children}
     picked = by_id.get(recipe.provenance.get("trial_id"))
     pins = dict(recipe.model.dims)

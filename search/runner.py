@@ -89,10 +89,15 @@ class SearchResult:
 
 
 def heuristic_configs(data: EncodedDataset, space: SearchSpace, budget: int | None) -> dict[str, dict]:
+    """Each rule's config (label -> config), the rules over budget left out.
+
+    A dim the space pins (the spec's ``pin``, or a range with one dim) holds in the baselines too: the rules set the
+    other features' dims. Otherwise a pinned search could recommend a baseline with another dim for that feature.
+    """
     counts = {f.name: data.counts(f.name) for f in data.features}
     configs = {}
     for rule, dims in heuristic_dims(data.features, counts).items():
-        config = space.encode(dims)
+        config = space.encode({**dims, **space.pins})
         if budget is not None and space.bytes(config) > budget:
             log.info("heuristic %s needs %d bytes, over the memory budget: not trained", rule, space.bytes(config))
             continue

@@ -112,3 +112,28 @@ def test_heuristic_dims_movielens_100k():
     # gender's 2 categories are each in ~half the rows: the power law hits its cap of n = 2
     assert dims["mde"]["gender"] == 2
     assert dims["mde"]["user_id"] > dims["mde"]["item_id"]  # a user is seen more often than an item, on average
+
+
+def test_baselines_keep_the_dims_the_spec_pins_and_take_the_rules_for_the_rest():
+    # a pinned search used to train every baseline with the rule's dim for the pinned feature too, so its front, and
+    # its recommendation, could hold a dim for that feature the user had fixed to another
+    from pipelines import SyntheticSpec, generate, prepare
+    from search.runner import heuristic_configs
+    from search.space import DIM_PREFIX, FeatureSpec, SearchSpec, build_space
+
+    data = prepare(generate(SyntheticSpec(rows=3000, seed=2)))
+    pinned, *others = [f.name for f in data.features]
+    counts = {f.name: data.counts(f.name) for f in data.features}
+    rules = heuristic_dims(data.features, counts)
+    assert 7 not in {d[pinned] for d in rules.values()}  # the pin differs from every rule's dim
+    space = build_space(data.features, SearchSpec(features={pinned: FeatureSpec(pin=7)}))
+    configs = heuristic_configs(data, space, None)
+    assert list(configs) == list(HEURISTICS)
+    for rule, config in configs.items():
+        assert config[DIM_PREFIX + pinned] == 7
+        assert {n: config[DIM_PREFIX + n] for n in others} == {n: rules[rule][n] for n in others}
+    # the memory budget is judged on the pinned config: a pin large enough puts every baseline over it
+    big = build_space(data.features, SearchSpec(features={pinned: FeatureSpec(pin=4000)}))
+    unpinned = heuristic_configs(data, build_space(data.features, SearchSpec()), None)
+    budget = max(space.bytes(c) for c in unpinned.values())
+    assert heuristic_configs(data, big, budget) == {}

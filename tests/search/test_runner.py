@@ -133,9 +133,11 @@ def test_search_recipe_rebuilds_exact_model(searched, data):
     assert recipe.provenance["mlflow"]["parent_run_id"] == result.parent_run_id
 
 
-def test_search_memory_budget_is_never_exceeded(data, ray_session, tmp_path):
-    space = build_space(data.features, SearchSpec(max_dim=32))
-    budget = (space.min_bytes() + space.max_bytes()) // 6
+def test_search_memory_budget_is_never_exceeded_and_a_pin_holds_in_every_trial(data, ray_session, tmp_path):
+    from search.space import FeatureSpec
+
+    space = build_space(data.features, SearchSpec(max_dim=32, features={"tag": FeatureSpec(pin=2)}))
+    budget = (space.min_bytes() + space.max_bytes()) // 4  # n^0.25's baseline fits, the others do not
     settings = SearchSettings(name="b", trials=6, max_epochs=2, memory_budget=budget, rule="budget",
                               tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_dir=str(tmp_path / "out"))
     before = signal.getsignal(signal.SIGINT)
@@ -146,6 +148,9 @@ def test_search_memory_budget_is_never_exceeded(data, ray_session, tmp_path):
     assert len([r for r in trained if not r["heuristic"]]) == 6
     assert all(r["model_bytes"] <= budget for r in trained)
     assert result.recommended["model_bytes"] <= budget
+    # the baseline that fits keeps the pin as well (the rules give tag, 40 categories, dims 3-20)
+    assert [r["heuristic"] for r in trained if r["heuristic"]] == ["google"]
+    assert {r["dims"]["tag"] for r in result.trials} == {2} and result.recommended["dims"]["tag"] == 2
 
 
 def test_search_marks_the_front_and_the_pick_on_the_trial_runs(searched):
