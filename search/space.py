@@ -21,8 +21,8 @@ than two, the feature is pinned (at the one power of two, or at ``low`` when the
 
 A trial config is flat, as Ray Tune + Optuna produce it: ``"dim.<feature>"`` (int) per searched feature, and ``"lr"``,
 ``"hidden"``, ``"dropout"`` when searched. Absent keys take the space's fixed values. Heuristic-baseline configs carry
-every feature's dim and a ``"heuristic"`` label, which decoding ignores: a searched feature's dim is the rule's (possibly
-outside the sampled range), a pinned feature's is its pin.
+every feature's dim and a ``"heuristic"`` label, which decoding ignores: a searched feature's dim is the rule's
+(possibly outside the sampled range), a pinned feature's is its pin.
 """
 from __future__ import annotations
 
