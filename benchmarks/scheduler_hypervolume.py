@@ -146,7 +146,7 @@ def replay(fifo: Run, scheduler: str, args, ref: tuple[float, float], workers: i
         sched = ASHAScheduler(metric="best_val_auc", mode="max", max_t=args.max_epochs,
                               grace_period=args.grace_period, reduction_factor=args.eta)
     else:
-        sched = make_scheduler(scheduler, args.max_epochs, args.grace_period, args.eta)
+        sched = make_scheduler(scheduler, args.max_epochs, args.grace_period, args.eta, ref)
     curves = fifo.trials
     trials = [SimpleNamespace(trial_id=str(i), config={}) for i in range(len(curves))]  # what schedulers read
     pending, events, tick = list(range(len(curves))), [], itertools.count()

@@ -39,6 +39,14 @@ period, over nine searches per dataset (three recorded after the rule was chosen
 for 0.0% and 0.2% (``benchmarks/HISTORY.md``). The quantile 0.6 was picked on three of those searches; 0.8 saved less.
 ``outrun_quantile=None`` turns it off.
 
+Given the search's hypervolume ``reference`` point, the same test also stops a trial whose optimistic end would add
+less than ``min_gain`` (0.1%) to the hypervolume of the finished trials' front. Dominance is the case of no gain at
+all; the threshold also stops the trials that could only tie the front: a model a few bytes cheaper than a finished
+one at the same AUC, or one a little more accurate than the best at several times its size. Replayed on twelve
+recorded FIFO searches (the six it was picked on and six held out), it cut the epochs from 44.5% / 49.0% to
+38.0% / 40.2% of FIFO's on MovieLens and from 50.5% / 47.6% to 47.1% / 45.3% on the synthetic set, for 0.2-0.3% and
+0.1% of FIFO's hypervolume. ``min_gain=0`` (or no reference) tests dominance alone.
+
 Heuristic-baseline trials (``trial.config["heuristic"]``) are never stopped, as in ``schedulers.BaselineAwareASHA``,
 but their results are recorded at every rung they pass, so later trials are judged against them. Like Ray's ASHA, a
 trial's last result is recorded when it completes (a trial that converged early still counts at its rung). A trial
@@ -55,9 +63,12 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from .pareto import hypervolume
 from .ranking import crowding_distance, nondominated_ranks
 
 log = logging.getLogger(__name__)
+
+MIN_GAIN = 0.001  # the outrun test also stops a trial whose optimistic end adds < 0.1% of the finished front's HV
 
 
 class _Bracket:
@@ -85,9 +96,11 @@ class _Bracket:
 
 
 def outrun(auc: float, nbytes: float, t: int, finished: list[tuple[float, float, list[float]]], quantile: float,
-           min_finished: int = 3) -> bool:
+           min_finished: int = 3, reference: tuple[float, float] | None = None, min_gain: float = 0.0) -> bool:
     """Whether a trial at (``auc`` after ``t`` epochs, ``nbytes``) would end dominated by a finished trial even if it
-    gained as much AUC from here as the ``quantile`` of the finished trials did after their epoch ``t``.
+    gained as much AUC from here as the ``quantile`` of the finished trials did after their epoch ``t``; with a
+    ``reference`` point (AUC, bytes) and ``min_gain`` > 0, also whether that end would add less than ``min_gain`` of
+    the finished trials' hypervolume (``pareto.hypervolume``: a dominated end adds nothing, so 0 is the first test).
 
     ``finished``: (final best AUC, model bytes, best AUC per epoch) of trials trained to their end. Gains are read
     from trials that trained past ``t``; with fewer than ``min_finished`` of them nothing is outrun."""
@@ -95,7 +108,15 @@ def outrun(auc: float, nbytes: float, t: int, finished: list[tuple[float, float,
     if len(gains) < min_finished:
         return False
     reach = auc + float(np.quantile(gains, quantile))
-    return any(final >= reach and size <= nbytes for final, size, _ in finished)
+    if any(final >= reach and size <= nbytes for final, size, _ in finished):
+        return True
+    if reference is None or min_gain <= 0:
+        return False
+    aucs = np.array([final for final, _, _ in finished] + [reach])
+    sizes = np.array([size for _, size, _ in finished] + [nbytes])
+    before = hypervolume(aucs[:-1], sizes[:-1], ref_auc=reference[0], ref_bytes=reference[1])
+    after = hypervolume(aucs, sizes, ref_auc=reference[0], ref_bytes=reference[1])
+    return after - before < min_gain * before
 
 
 def keeps(points: list[tuple[float, float]], i: int, eta: float) -> bool:
@@ -113,7 +134,10 @@ class ParetoASHA(FIFOScheduler):
 
     Args mirror Ray's ``ASHAScheduler``; ``auc_attr`` is maximized and ``bytes_attr`` minimized, both read from each
     reported result (model bytes are exact, from the trial's config). ``seed`` fixes the random bracket choice.
+    ``reference`` (the search's hypervolume reference point) and ``min_gain``: see ``outrun``.
     """
+
+    _reference, _min_gain = None, 0.0  # a scheduler pickled before these existed (a resumed search) tests dominance
 
     def __init__(
         self,
@@ -127,6 +151,8 @@ class ParetoASHA(FIFOScheduler):
         seed: int = 0,
         outrun_quantile: float | None = 0.6,
         final_attr: str = "final",
+        reference: tuple[float, float] | None = None,
+        min_gain: float = MIN_GAIN,
     ):
         if max_t < 1:
             raise ValueError(f"max_t is {max_t}, but must be >= 1")
@@ -138,8 +164,12 @@ class ParetoASHA(FIFOScheduler):
             raise ValueError(f"brackets is {brackets}, but must be >= 1")
         if outrun_quantile is not None and not 0 <= outrun_quantile <= 1:
             raise ValueError(f"outrun_quantile is {outrun_quantile}, but must be in [0, 1] (or None: rung rule only)")
+        if not 0 <= min_gain < 1:
+            raise ValueError(f"min_gain is {min_gain}, but must be in [0, 1) (0: stop only trials a finished one "
+                             "dominates)")
         super().__init__()
         self._outrun_quantile, self._final_attr = outrun_quantile, final_attr
+        self._reference, self._min_gain = reference, min_gain
         self._curves: dict[str, list[float]] = {}  # trial id -> best AUC per epoch, while the trial runs
         self._finished: list[tuple[float, float, list[float]]] = []  # (final AUC, bytes, curve) of trials at their end
         self._num_outrun = 0
@@ -179,7 +209,8 @@ class ParetoASHA(FIFOScheduler):
             # The outrun test needs no rung: from the grace period on, every epoch is checked.
             if action != TrialScheduler.STOP and not protected and t >= self._grace_period and (
                     self._outrun_quantile is not None
-                    and outrun(-point[0], 10 ** point[1], int(t), self._finished, self._outrun_quantile)):
+                    and outrun(-point[0], 10 ** point[1], int(t), self._finished, self._outrun_quantile,
+                               reference=self._reference, min_gain=self._min_gain)):
                 action = TrialScheduler.STOP
                 self._num_outrun += 1
             action = action or TrialScheduler.CONTINUE

@@ -208,8 +208,8 @@ def run_search(
                 heuristics = dict(baselines)
             else:
                 heuristics = heuristic_configs(data, space, settings.memory_budget) if settings.heuristics else {}
-            scheduler = make_scheduler(
-                settings.scheduler, settings.max_epochs, settings.grace_period, settings.reduction_factor)
+            scheduler = make_scheduler(settings.scheduler, settings.max_epochs, settings.grace_period,
+                                       settings.reduction_factor, reference_point(space, heuristics))
             trial_settings = TrialSettings(
                 settings.max_epochs, settings.patience, settings.batch_size, settings.lr, settings.seed,
                 settings.cpus_per_trial, settings.sparse, decision_epochs(scheduler, settings.max_epochs),

@@ -23,7 +23,9 @@ class BaselineAwareASHA(ASHAScheduler):
         return super().on_trial_result(tune_controller, trial, result)
 
 
-def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_factor: float = 3) -> TrialScheduler:
+def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_factor: float = 3,
+                   reference: tuple[float, float] | None = None) -> TrialScheduler:
+    """``reference``: the search's hypervolume reference point (AUC, bytes), which Pareto-ASHA's outrun test reads."""
     if kind == "fifo":
         return FIFOScheduler()
     if kind == "pareto-asha":
@@ -32,6 +34,7 @@ def make_scheduler(kind: str, max_epochs: int, grace_period: int = 2, reduction_
             max_t=max_epochs,
             grace_period=min(grace_period, max_epochs),
             reduction_factor=reduction_factor,
+            reference=reference,
         )
     if kind == "asha":
         return BaselineAwareASHA(

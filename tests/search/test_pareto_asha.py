@@ -10,7 +10,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket as RayBracket
 
 from search.pareto import non_dominated
-from search.pareto_asha import ParetoASHA, keeps, outrun
+from search.pareto_asha import MIN_GAIN, ParetoASHA, keeps, outrun
 from search.schedulers import SCHEDULERS, decision_epochs, make_scheduler
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -180,6 +180,41 @@ def test_outrun_projects_by_the_quantile_of_finished_gains():
     assert not outrun(0.60, 2_000, 3, finished, 0.5)  # none trained past epoch 3: no gains to read
     unseen = [(a, b, [math.nan, *c[1:]]) for a, b, c in finished]  # epoch 1 not seen (a restored search)
     assert not outrun(0.60, 2_000, 1, unseen, 0.5) and outrun(0.68, 2_000, 2, unseen, 0.5)
+
+
+def test_outrun_with_a_reference_also_stops_an_end_that_would_add_almost_no_hypervolume():
+    # the front of the finished trials is d=(0.76, 1,000 bytes) alone: HV (0.76 - 0.5) * log10(10,000 / 1,000) = 0.26
+    finished = [(0.72, 5_000, [0.70, 0.71, 0.72]), (0.74, 5_000, [0.70, 0.72, 0.74]), (0.76, 1_000, [0.70, 0.73, 0.76])]
+    ref = (0.5, 10_000)
+    # cheaper than every finished trial, so no finished trial dominates its end (0.70 + median 0.04 = 0.74): at 999
+    # bytes it would add (0.74 - 0.5) * log10(1,000 / 999) = 0.0001 (0.04% of 0.26), at 900 bytes 0.011 (4.2%)
+    assert not outrun(0.70, 999, 1, finished, 0.5)
+    assert not outrun(0.70, 999, 1, finished, 0.5, reference=ref, min_gain=0.0)
+    assert outrun(0.70, 999, 1, finished, 0.5, reference=ref, min_gain=0.001)
+    assert not outrun(0.70, 900, 1, finished, 0.5, reference=ref, min_gain=0.04)
+    assert outrun(0.70, 900, 1, finished, 0.5, reference=ref, min_gain=0.05)
+    assert not outrun(0.70, 999, 1, finished, 0.5, min_gain=0.05)  # no reference point: dominance only
+    assert not outrun(0.70, 999, 1, finished[:2], 0.5, reference=ref, min_gain=0.05)  # too few finished trials
+    # a dominated end adds nothing: stopped whatever the threshold
+    assert outrun(0.70, 2_000, 1, finished, 0.5, reference=ref, min_gain=0.0)
+
+
+@pytest.mark.parametrize("min_gain, stops", [(0.001, True), (0.0, False)])
+def test_pareto_asha_stops_a_trial_whose_best_end_adds_too_little_hypervolume(min_gain, stops):
+    s = with_finished(outrun_quantile=0.5, reference=(0.5, 10_000), min_gain=min_gain)
+    (sliver,) = added(s, "sliver")
+    # 0.72 at 999 bytes dominates every record at the rung (epoch 1), so the rung rule keeps it; + the median gain
+    # 0.04 it ends at 0.76, just cheaper than d0 (0.76 at 1,000 bytes), which it ties rather than falls below: no
+    # finished trial dominates that end, and it would add 0.26 * log10(1,000 / 999) = 0.0001 (0.04%) to HV 0.26
+    assert report(s, sliver, 1, 0.72, 999) == (STOP if stops else CONTINUE)
+    assert f"outrun by a finished trial: {int(stops)}" in s.debug_string()
+
+
+def test_make_scheduler_hands_pareto_asha_the_searchs_reference_point():
+    s = make_scheduler("pareto-asha", max_epochs=12, reference=(0.5, 2e6))
+    assert (s._reference, s._min_gain) == ((0.5, 2e6), MIN_GAIN) and 0 < MIN_GAIN < 0.01
+    with pytest.raises(ValueError, match="min_gain"):
+        pareto(min_gain=1.0)
 
 
 # finished trials, each on the rung fronts as it goes: the cheapest learns slowest (gains after epoch 1: 0.10, 0.04,
