@@ -623,9 +623,10 @@ def exit_now(code: int) -> None:
     import atexit
     import threading
 
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    # CPython's own first step at exit (no public name): threading's exit hooks, which tell idle executor workers to
+    # stop (MLflow's artifact repositories keep a ThreadPoolExecutor), then a join of the threads that are not daemons.
+    # Joining those threads without the hooks first waited forever on such a worker (`embsize confirm` never exited).
+    threading._shutdown()
     atexit._run_exitfuncs()  # CPython's own call at exit (no public name); handlers that raise are reported, as at exit
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -636,4 +637,8 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    # `python -m search.cli` runs this file as __main__, a second copy beside the search.cli that the other modules
+    # import: main() here would not catch their search.cli.UsageError (a bad value gave a traceback, exit 1)
+    from search.cli import entry as _entry
+
+    _entry()

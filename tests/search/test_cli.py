@@ -367,6 +367,31 @@ def test_a_search_piped_into_a_reader_that_leaves_early_finishes_its_work(tmp_pa
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_search_then_confirm_as_commands_each_exit_when_done(tmp_path):
+    """The console commands end: `embsize confirm` with baselines on the front once hung at its exit, joining the
+    idle worker of the pool MLflow's artifact downloads keep (the in-process tests call ``main``, never the exit)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    search = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "1", "--num-cpus", "2", "--name", "done"]
+    for args in (search, ["confirm", "done", "--seeds", "2", "--workers", "1"]):
+        p = subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "embsize-out" / "done" / "confirm" / "confirmed.yaml").is_file()
+
+
+def test_python_dash_m_search_cli_reports_a_bad_value_raised_in_another_module_in_one_line(tmp_path):
+    """`python -m search.cli` runs cli.py as __main__, beside the search.cli the other modules import: a UsageError
+    raised in cli_review was not the class main() caught there, and a bad value gave a traceback, exit 1."""
+    p = subprocess.run([sys.executable, "-m", "search.cli", "confirm", "any", "--seeds", "1"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip() == "embsize: error: --seeds is 1, but must be >= 2 (one seed has no spread)"
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_commands_exit_runs_the_atexit_handlers_and_waits_for_threads_but_skips_pythons_teardown(tmp_path):
     """``exit_now`` is Python's exit less its module teardown (1.2-1.5 s after a search): what an exit must do still
     happens, and the exit code is kept."""
@@ -390,6 +415,24 @@ exit_now(3)
     assert p.stdout == "buffered, not yet flushed"
     assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
     assert not (tmp_path / "teardown").exists()  # a module global's finalizer: the teardown that is skipped
+
+
+def test_the_commands_exit_does_not_wait_forever_on_an_idle_executor_worker(tmp_path):
+    """An idle ThreadPoolExecutor worker (MLflow's artifact repositories keep one) is a thread that is not a daemon and
+    ends only when threading's exit hooks tell it to: joining it without them hung `embsize confirm` at its exit."""
+    code = f"""
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from search.cli import exit_now
+
+pool = ThreadPoolExecutor(1)
+pool.submit(lambda: None).result()  # its worker now idles, waiting for more work
+pool.submit(lambda: __import__("time").sleep(0.3) or Path({str(tmp_path)!r}, "task").write_text("done"))
+exit_now(4)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    assert (tmp_path / "task").read_text() == "done"  # work already handed to the pool still ends first, as at exit
 
 
 def test_cli_budget_note_names_the_baselines_the_budget_keeps_out():
