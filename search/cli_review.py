@@ -141,7 +141,7 @@ def cmd_confirm(args) -> int:
         print(f"WARNING: the search's recommendation wins only by seed luck: {beaten_by} beat(s) it on mean AUC by "
               "more than the noise")
     print(f"confirmed config: {files['confirmed.yaml'].resolve()} (also on MLflow run {result.parent_run_id}, "
-          f"artifacts confirm/); {conf.seconds:.0f} s")
+          f"artifacts confirm/); took {conf.seconds:.1f} s")
     if args.refine:
         _refine(result, conf, data, settings, searched, tol, out)
     return 0
@@ -172,4 +172,4 @@ def _refine(result, conf, data, settings, searched: list[str], tolerance, out: P
     print(f"refined dims: {', '.join(f'{k} {ref.start.model.dims[k]}->{v}' for k, v in ref.dims.items() if k in searched)}")
     print(f"refined config: mean AUC {ref.mean_auc:.4f} ± {ref.sd_auc:.4f} (floor {ref.floor:.4f}), model bytes "
           f"{ref.model_bytes:,} ({ref.model_bytes / start['model_bytes']:.2f}x the confirmed pick's); "
-          f"{files['refined.yaml'].resolve()}; {ref.seconds:.0f} s")
+          f"{files['refined.yaml'].resolve()}; took {ref.seconds:.1f} s")
