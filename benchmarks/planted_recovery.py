@@ -16,6 +16,7 @@ Takes ~13 minutes on 2 cores (search ~3.5, confirm + refine ~9.5); ``--rows 2000
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from _common import machine, scratch
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="confirmation and refinement seeds")
     ap.add_argument("--no-refine", action="store_true", help="judge the search's own recommendation only")
     args = ap.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the figures, not MLflow's bars
 
     from pipelines import SyntheticSpec, generate, prepare
     from search.runner import SearchSettings, run_search
