@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 
 from search.cli import main
 
+from .tables import read_table
+
 
 def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -61,7 +63,7 @@ def test_cli_search_end_to_end(tmp_path):
     # MLflow's new-store and Optuna's new-study INFO lines, in formats of their own, among the CLI's start lines
     assert "database tables" not in p.stderr + p.stdout and "A new study created" not in p.stderr + p.stdout
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the embedded default store
-    front = pd.read_csv(out / "front.csv")
+    front = read_table(out / "front.csv")
     assert front["recommended"].sum() == 1
     # the pick is named as the MLflow UI lists its run, with Ray's trial id; the front's rows by their runs' names
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")

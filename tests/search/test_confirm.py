@@ -16,6 +16,7 @@ from search.confirm import RAY_OVERHEAD_S, Candidate, ConfirmSettings, decide, p
 from search.review import load_review
 
 from .small_search import small_search
+from .tables import read_table
 
 
 def _cand(trial_id: str, size: int, single: float, label: str = "search") -> Candidate:
@@ -105,7 +106,7 @@ def test_confirm_end_to_end_retrains_and_logs_to_the_parent_run(ray_session, tmp
     out = tmp_path / "confirm"
     assert main(["confirm", "small", "--seeds", "2", "--workers", "2", "--tracking-uri", uri, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    table = pd.read_csv(out / "confirm.csv")
+    table = read_table(out / "confirm.csv")
     reviewed = load_review(result.parent_run_id, uri)
     heuristics = {r["trial_id"] for r in reviewed.trials if r["heuristic"] and r["outcome"] == "completed"}
     expected = {r["trial_id"] for r in reviewed.front} | heuristics | {reviewed.recommended["trial_id"]}
@@ -190,7 +191,7 @@ def test_confirm_and_train_reread_a_table_as_its_search_read_it(ray_session, tmp
     assert "fingerprint" not in confirmed.out + confirmed.err
     assert Recipe.load(out / "confirmed.yaml").dataset["fingerprint"] == fingerprint
     assert Recipe.load(out / "confirmed.yaml").dataset["positive_label"] == "click"
-    assert set(pd.read_csv(out / "confirm.csv")["trial_id"]) >= {reviewed.recommended["trial_id"]}
+    assert set(read_table(out / "confirm.csv")["trial_id"]) >= {reviewed.recommended["trial_id"]}
     assert MlflowClient(uri).get_run(reviewed.parent_run_id).data.tags["confirmed_trial"] in confirmed.out
 
     code = main(["train", "--config", str(out / "confirmed.yaml"), "--tracking-uri", uri])

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
@@ -31,6 +30,7 @@ from search.cluster import experiment_path
 from search.trial import DIVERGENT_LR, Fault, _best_epoch, load_checkpoint, parse_faults, save_checkpoint
 
 from .local_cluster import BIN, LocalCluster
+from .tables import read_table
 
 # a progress line: "<- trial-007 (9f78fc21) completed" ("<- 9f78fc21 completed" before a resumed run is named);
 # group 1 is Ray's trial id
@@ -124,7 +124,7 @@ def _finished(cwd: Path, name: str, trials: int, resumed: subprocess.CompletedPr
     """Assert that ``resumed`` (a `--resume NAME` in ``cwd``) ended the search: exit 0, every trial once and completed
     in trials.csv, the parent run FINISHED in the default store. Returns ``_runs``'s client, parents and children."""
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    table = pd.read_csv(cwd / "embsize-out" / name / "trials.csv")
+    table = read_table(cwd / "embsize-out" / name / "trials.csv")
     assert len(table) == trials and table["trial_id"].is_unique and (table["outcome"] == "completed").all()
     c, parents, children = _runs(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}", name)
     assert [r.info.status for r in parents] == ["FINISHED"]
@@ -239,7 +239,7 @@ def test_failing_trials_end_failed_while_the_others_finish(failing_search):
         else:
             assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
 
-    trials = pd.read_csv(out / "trials.csv")
+    trials = read_table(out / "trials.csv")
     failed = trials[trials["trial_id"].isin(list(failed_ids))]
     assert (failed["outcome"] == "failed").all() and failed["error"].str.len().gt(0).all()
     assert (trials.loc[~trials["trial_id"].isin(list(failed_ids)), "outcome"] == "completed").all()
@@ -328,7 +328,7 @@ def test_driver_killed_then_resumed_keeps_finished_trials_once(tmp_path):
     assert "continuing search 'lid'" in resumed.stdout
 
     out = tmp_path / "embsize-out" / "lid"
-    table = pd.read_csv(out / "trials.csv")
+    table = read_table(out / "trials.csv")
     assert len(table) == trials  # the search reached its trial count
     assert table["trial_id"].is_unique
     for trial_id, outcome in finished.items():  # every trial finished before the kill, exactly once, as it ended
@@ -481,7 +481,7 @@ def test_a_stop_signal_saves_the_search_for_resume(tmp_path, sig, code):
     run_names = {r.data.tags["trial_id"]: r.info.run_name for r in children}
     assert ended and all((m := re.search(r"<- (trial-\d{3}) \((\w+)\) ", line)) and run_names[m.group(2)] == m.group(1)
                          for line in ended), "\n".join(ended)
-    table = pd.read_csv(tmp_path / "embsize-out" / "stopped" / "front.csv")
+    table = read_table(tmp_path / "embsize-out" / "stopped" / "front.csv")
     front = set(table.loc[table["on_front"], "trial_id"])
     assert {r.data.tags["trial_id"] for r in children if r.data.tags["on_front"] == "true"} == front
     assert [r.data.tags["trial_id"] for r in children if r.data.tags["recommended"] == "true"] == [
@@ -548,7 +548,7 @@ def test_a_search_whose_state_a_full_disk_cut_short_resumes_to_the_end(tmp_path)
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     _finished(tmp_path, "full", 4, resumed)  # the trials asked for, with those of the first leg
-    assert ended <= set(pd.read_csv(out / "trials.csv")["trial_id"])
+    assert ended <= set(read_table(out / "trials.csv")["trial_id"])
     assert "the Optuna journal" in resumed.stderr and "does not load: moved aside" in resumed.stderr
 
 
@@ -617,7 +617,7 @@ def test_worker_node_killed_trial_continues_from_its_checkpoint(tmp_path):
         steps = {r.info.run_id: [m.step for m in c.get_metric_history(r.info.run_id, "val_auc")] for r in children}
 
     assert "retrying it from its last checkpoint" in output
-    table = pd.read_csv(tmp_path / "out" / "lost" / "trials.csv")
+    table = read_table(tmp_path / "out" / "lost" / "trials.csv")
     assert len(table) == 2 and (table["outcome"] == "completed").all() and (table["epochs"] == 4).all()
     retried = [r for r in children if int(r.data.tags.get("retries", "0")) >= 1]
     assert len(retried) == 1
@@ -646,7 +646,7 @@ def test_a_search_whose_every_trial_fails_says_why_and_keeps_its_table(tmp_path)
     assert last.startswith("embsize: error: no trial of search 'allfail' completed (2 failed, 0 stopped early; "
                            "first error: ") and "injected fault" in last
     assert last.endswith(f"see {out / 'trials.csv'} and the trial runs in MLflow, or raise --trials")
-    trials = pd.read_csv(out / "trials.csv")  # the file the message names exists and holds the errors
+    trials = read_table(out / "trials.csv")  # the file the message names exists and holds the errors
     assert len(trials) == 2 and (trials["outcome"] == "failed").all()
     assert trials["error"].str.contains("injected fault").all()
     _, parents, _ = _runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "allfail")
@@ -721,7 +721,7 @@ def test_a_search_interrupted_while_the_tracking_server_is_down_says_how_to_cont
         result = run_search(tiny, space, settings)
         c = MlflowClient(uri)
         assert c.get_run(result.parent_run_id).info.status == "FINISHED"
-        assert len(pd.read_csv(tmp_path / "out" / "cut" / "trials.csv")) == settings.trials
+        assert len(read_table(tmp_path / "out" / "cut" / "trials.csv")) == settings.trials
         _, parents, _ = _runs(uri, "cut")
         assert [r.info.run_id for r in parents] == [result.parent_run_id]  # the same parent run, not a second one
 
@@ -759,7 +759,7 @@ def test_a_tracking_server_down_at_the_end_keeps_the_result_and_a_resume_records
         out = tmp_path / "out" / "down"
         assert f"--resume down --output-dir {tmp_path / 'out'}" in str(caught.value) and uri in str(caught.value)
         assert (out / "recommended.yaml").is_file() and (out / "front.csv").is_file()
-        assert len(pd.read_csv(out / "trials.csv")) == settings.trials
+        assert len(read_table(out / "trials.csv")) == settings.trials
         # the writer thread's ids and names, with no store to ask
         assert first.recommended["run_id"] and re.fullmatch(r"trial-\d{3}", first.recommended["run_name"])
 
@@ -828,7 +828,7 @@ def test_a_trial_that_ended_after_rays_last_save_counts_in_the_resumed_search(ra
     assert "result" not in events  # nothing trained again
     assert (second.recommended["trial_id"], second.recommended["run_name"]) == ("late0001", "trial-004")
     assert second.recommended["dims"] == like["dims"] and second.recommended["model_bytes"] == like["model_bytes"]
-    table = pd.read_csv(tmp_path / "out" / "late" / "trials.csv")
+    table = read_table(tmp_path / "out" / "late" / "trials.csv")
     assert sorted(table["trial_id"]) == sorted([r["trial_id"] for r in first.trials] + ["late0001"])
     reviewed = load_review(second.parent_run_id, tracking_uri)
     assert sorted(r["trial_id"] for r in reviewed.trials) == sorted(r["trial_id"] for r in second.trials)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -18,6 +17,7 @@ from search.refine import refine, searched_features
 from search.review import load_review
 
 from .small_search import small_search
+from .tables import read_table
 
 SEEDS = ConfirmSettings(seeds=3, first_seed=1)
 START = {"a": 32, "b": 16, "c": 16, "pinned": 8}
@@ -110,8 +110,8 @@ def test_confirm_refine_end_to_end_writes_and_logs_the_refined_recipe(ray_sessio
             "--refine", "--refine-tolerance", "0.01"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    confirm = pd.read_csv(out / "confirm.csv")
-    steps = pd.read_csv(out / "refine.csv")
+    confirm = read_table(out / "confirm.csv")
+    steps = read_table(out / "refine.csv")
     pick = confirm.loc[confirm["confirmed"]].iloc[0]
     recipe = Recipe.load(out / "refined.yaml")
     reviewed = load_review(result.parent_run_id, uri)

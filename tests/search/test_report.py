@@ -7,7 +7,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -19,6 +18,7 @@ from search.review import find_parent, load_review, metric_histories
 from search.sensitivity import journal_study, sensitivity
 
 from .small_search import small_search
+from .tables import read_table
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_report_cli_prints_the_numbers_and_uploads_the_folder(searched, reviewed
     written = {p.name for p in out.iterdir()}
     assert {"pareto.png", "pareto.html", "learning_curves.png", "sensitivity.png", "sensitivity.csv",
             "front.csv", "report.txt"} <= written
-    front = pd.read_csv(out / "front.csv")
+    front = read_table(out / "front.csv")
     on_front = front[front["on_front"]]
     assert set(on_front["trial_id"]) == {r["trial_id"] for r in reviewed.front}
     c = MlflowClient(uri)
