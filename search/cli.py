@@ -261,6 +261,8 @@ def cmd_search(args) -> int:
         resume.check_not_running(settings.out, name)
     print(f"data: {info['source']}")
     print(data.summary())
+    for line in _pin_notes(data, space):
+        print(f"embsize: warning: {line}", file=sys.stderr)
     if previous is not None:
         print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     note = _budget_note(data, space, budget) if budget is not None and not args.no_heuristics else None
@@ -336,6 +338,15 @@ def _budget_note(data, space, budget: int) -> str | None:
         return None
     return (f"heuristic baselines over --memory-budget {budget:,} bytes, not trained: "
             + ", ".join(f"{HEURISTICS[rule]} ({size:,} bytes)" for rule, size in over.items()))
+
+
+def _pin_notes(data, space) -> list[str]:
+    """A dim pinned above the feature's number of categories, where the search caps a searched dim: taken as given
+    (a pin may match a model already in production), but said, since the extra columns cost bytes and learn nothing
+    a dim of that size could not."""
+    return [f"--spec pins {f.name} at dim {space.pins[f.name]}, above its {f.cardinality - 1} categories (the cap on "
+            f"a searched dim); the extra dims cost bytes and learn nothing, so {f.cardinality - 1} would do"
+            for f in data.features if space.pins.get(f.name, 0) > max(1, f.cardinality - 1)]
 
 
 def _fresh_name(out_dir: Path, base: str) -> str:

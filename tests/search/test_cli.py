@@ -437,6 +437,26 @@ exit_now(4)
     assert (tmp_path / "task").read_text() == "done"  # work already handed to the pool still ends first, as at exit
 
 
+def test_a_pin_above_a_features_categories_is_kept_and_said():
+    """`features: {region: 9}` for a region with fewer categories: the pin holds (a pin may match a production model),
+    and the search says that the dims above the categories learn nothing; pins within them and the space's own
+    pins (a feature with one possible dim) say nothing."""
+    from pipelines import prepare
+    from pipelines.synthetic import SyntheticSpec, generate
+    from search.cli import _pin_notes
+    from search.space import FeatureSpec, SearchSpec, build_space
+
+    data = prepare(generate(SyntheticSpec(rows=3000)))
+    small = min(data.features, key=lambda f: f.cardinality)
+    n = small.cardinality - 1
+    over = build_space(data.features, SearchSpec(features={small.name: FeatureSpec(pin=n + 5)}))
+    assert over.pins[small.name] == n + 5
+    (note,) = _pin_notes(data, over)
+    assert f"pins {small.name} at dim {n + 5}, above its {n} categories" in note
+    assert _pin_notes(data, build_space(data.features, SearchSpec(features={small.name: FeatureSpec(pin=n)}))) == []
+    assert _pin_notes(data, build_space(data.features)) == []
+
+
 def test_cli_budget_note_names_the_baselines_the_budget_keeps_out():
     """Under --memory-budget the over-budget baselines are not trained; the search says so before it starts, since
     the result table ("Pareto front and heuristic baselines") then shows none of them."""

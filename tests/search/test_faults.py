@@ -436,7 +436,10 @@ def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driv
     finally:
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert most <= 3 < min(len(names) for names in seen.values()), (most, seen)  # pruned as the trials went on
+    # pruned as the trials went on: a trial holds the checkpoint the last saved state names and the ones written since,
+    # 2-3 at ~1 s per epoch, and on a loaded box 4 for a moment (a state saved ~1 s late, seen at the pruner's next
+    # look, 1 s later: one CI run in many); kept all, each trial held its 5+ at the kill
+    assert most <= 4 < min(len(names) for names in seen.values()), (most, seen)
     c, _, children = _finished(tmp_path, "prune", 2, resumed)
     for run in children:  # each trial went on from its checkpoint to epoch 8: every epoch in MLflow once
         assert [m.step for m in c.get_metric_history(run.info.run_id, "val_auc")] == list(range(1, 9))
