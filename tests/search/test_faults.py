@@ -400,7 +400,7 @@ def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driv
     a bucket's) worth over a long search. Those no saved Ray state names are now deleted as the search goes
     (checkpoints.py), in the default folder and in an S3 bucket (`--storage-path s3://...`); a driver killed meanwhile
     resumes every trial from the checkpoint its state names."""
-    args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "8", "--patience", "0", "--num-cpus", "2",
+    args = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "10", "--patience", "0", "--num-cpus", "2",
             "--no-heuristics", "--scheduler", "fifo", "--checkpoint-every", "0", "--name", "prune"]
     if where == "folder":
         experiment = tmp_path / "embsize-out" / "prune" / "ray" / "prune"
@@ -422,12 +422,12 @@ def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driv
             for trial, present in _trial_checkpoints(experiment).items():
                 seen.setdefault(trial, set()).update(present)
                 most = max(most, len(present))
-            if len(seen) == 2 and all(len(names) >= 5 for names in seen.values()):
+            if len(seen) == 2 and all(len(names) >= 7 for names in seen.values()):
                 p.kill()  # SIGKILL mid-search: no last state save, no cleanup
                 break
             time.sleep(0.05)
         p.wait(timeout=60)
-        assert p.returncode == -signal.SIGKILL, f"the search ended ({p.returncode}) before both trials' 5th epoch"
+        assert p.returncode == -signal.SIGKILL, f"the search ended ({p.returncode}) before both trials' 7th epoch"
         _stop_processes_under(ray_tmp)
         # the state a resume restores from names checkpoints that are all there
         named = _named_checkpoints(experiment)
@@ -437,12 +437,12 @@ def test_superseded_checkpoints_are_deleted_as_the_search_runs_and_a_killed_driv
         _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     # pruned as the trials went on: a trial holds the checkpoint the last saved state names and the ones written since,
-    # 2-3 at ~1 s per epoch, and on a loaded box 4 for a moment (a state saved ~1 s late, seen at the pruner's next
-    # look, 1 s later: one CI run in many); kept all, each trial held its 5+ at the kill
-    assert most <= 4 < min(len(names) for names in seen.values()), (most, seen)
+    # 2-3 at ~1 s per epoch; on a loaded box Ray's state save and the pruner's look (1 s apart each) can fall behind by
+    # a few epochs for a moment (CI has seen 4, then 5). Kept all, each trial held its 7+ at the kill.
+    assert most <= 5 < 7 <= min(len(names) for names in seen.values()), (most, seen)
     c, _, children = _finished(tmp_path, "prune", 2, resumed)
-    for run in children:  # each trial went on from its checkpoint to epoch 8: every epoch in MLflow once
-        assert [m.step for m in c.get_metric_history(run.info.run_id, "val_auc")] == list(range(1, 9))
+    for run in children:  # each trial went on from its checkpoint to epoch 10: every epoch in MLflow once
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "val_auc")] == list(range(1, 11))
     assert _trial_checkpoints(experiment) == {}  # and the rest went when the search finished
 
 
