@@ -64,11 +64,17 @@ def records_study(records: list[dict]):
             dists[k] = CategoricalDistribution(sorted(set(values)))
         else:
             dists[k] = FloatDistribution(float(low), float(high), log=k == "lr")
-    study = optuna.create_study(directions=["maximize", "minimize"])
+    verbosity = optuna.logging.get_verbosity()  # "A new study created in memory ..." is no news in a report
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+    try:
+        study = optuna.create_study(directions=["maximize", "minimize"])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for r in done:
+        attrs = {"trial_id": r["trial_id"], **({"heuristic": r["heuristic"]} if r.get("heuristic") else {})}
         study.add_trial(optuna.trial.create_trial(
             params={k: r["config"][k] for k in dists}, distributions=dists,
-            values=[r["best_val_auc"], float(r["model_bytes"])], user_attrs={"trial_id": r["trial_id"]},
+            values=[r["best_val_auc"], float(r["model_bytes"])], user_attrs=attrs,
         ))
     return study
 
@@ -78,9 +84,15 @@ def importances(study, seed: int = 0) -> dict[str, float]:
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(done) < MIN_TRIALS:
-        raise ValueError(f"sensitivity needs at least {MIN_TRIALS} completed searched trials, but the search has "
-                         f"{len(done)}; run it with more --trials")
+    # The heuristic baselines are used with the rest, but do not count: every rule grows all dims together with the
+    # features' cardinalities, so baselines alone cannot tell which feature's dim moved the AUC.
+    baselines = sum(bool(t.user_attrs.get("heuristic")) for t in done)
+    if len(done) - baselines < MIN_TRIALS:
+        raise ValueError(
+            f"sensitivity needs at least {MIN_TRIALS} completed searched trials, but the search has "
+            f"{len(done) - baselines}" + (f" (and {baselines} heuristic baselines, whose dims all grow together)"
+                                          if baselines else "")
+            + "; run it with more --trials, or --scheduler fifo so that no trial is stopped early")
     varied = [k for k in done[0].params if len({t.params.get(k) for t in done}) > 1 and all(k in t.params for t in done)]
     if not varied:
         raise ValueError("no searched parameter varies across the completed trials; nothing to attribute the AUC to")

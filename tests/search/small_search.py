@@ -12,7 +12,8 @@ _CACHE: dict = {}
 
 
 def small_search(tmp_path_factory) -> tuple:
-    """(SearchResult, tracking URI, out dir, workdir): 8 sampled trials + 5 baselines, <= 3 epochs, ASHA stopping."""
+    """(SearchResult, tracking URI, out dir, workdir): 12 sampled trials + 5 baselines, <= 3 epochs, ASHA stopping
+    (4-5 sampled trials complete: sensitivity needs 4)."""
     if "result" not in _CACHE:
         from search.runner import SearchSettings, run_search
         from search.space import SearchSpec, build_space
@@ -21,7 +22,7 @@ def small_search(tmp_path_factory) -> tuple:
         uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
         data = prepare(load("synthetic", synthetic_rows=ROWS, seed=SEED), seed=SEED)
         space = build_space(data.features, SearchSpec(max_dim=16))
-        settings = SearchSettings(name="small", trials=8, max_epochs=3, patience=0, grace_period=1,
+        settings = SearchSettings(name="small", trials=12, max_epochs=3, patience=0, grace_period=1,
                                   reduction_factor=2, scheduler="asha", tracking_uri=uri, seed=SEED,
                                   output_dir=str(work / "embsize-out"))
         info = {"source": "synthetic", "split": "random", "min_freq": 1, "seed": SEED, "rows": ROWS}

@@ -109,7 +109,7 @@ def test_mlflow_ui_shows_nested_trial_runs_and_the_pareto_plot(searched, server,
     parent = c.get_run(result.parent_run_id)
     exp = parent.info.experiment_id
     children = {r.info.run_id for r in c.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")}
-    assert len(children) == 13
+    assert len(children) == 17
 
     # The experiment's run table: one parent row, the trials nested under it (expand the parent's [+]).
     browser.get(f"{server}/#/experiments/{exp}/runs")

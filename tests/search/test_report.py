@@ -50,7 +50,7 @@ def test_review_numbers_equal_those_computed_from_the_mlflow_runs(searched, revi
     front = {r.data.tags["trial_id"] for r, m in zip(done, mask) if m}
     assert {r["trial_id"] for r in reviewed.front} == front
     by_id = {r.data.tags["trial_id"]: r for r in runs}
-    assert len(reviewed.trials) == len(runs) == 8 + 5
+    assert len(reviewed.trials) == len(runs) == 12 + 5
     for rec in reviewed.trials:
         run = by_id[rec["trial_id"]]
         assert rec["outcome"] == run.data.tags["outcome"]
@@ -207,7 +207,7 @@ def test_optuna_journal_loads_with_optunas_api(searched):
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     by_ray = {t.user_attrs.get("ray_trial_id"): t for t in study.trials}
     sampled = [r for r in result.trials if not r["heuristic"]]
-    assert len(sampled) == 8
+    assert len(sampled) == 12
     for r in sampled:
         t = by_ray[r["trial_id"]]
         expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
