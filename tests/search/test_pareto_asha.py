@@ -283,6 +283,30 @@ def test_pareto_asha_outrun_spares_heuristics_and_ignores_stopped_trials():
     assert t._finished == []
 
 
+def test_pareto_asha_reads_gains_from_sampled_trials_not_from_the_baselines():
+    """The baselines finish first and, being fixed configs, may gain nothing after the grace period while the sampled
+    trials still learn: their ends can outrun a trial, their curves set no projection (every sampled trial was once
+    stopped at the grace period on a MovieLens CSV)."""
+    s = pareto(max_t=9, grace_period=1, reduction_factor=3, outrun_quantile=0.5)  # rungs at epochs 1, 3
+    for i, (auc, size) in enumerate([(0.74, 1_000), (0.75, 3_000), (0.76, 9_000)]):
+        finish(s, *added(s, f"b{i}", heuristic="sqrt"), [0.60, auc, auc, auc], size)  # no gain after epoch 2
+    (x,) = added(s, "x")
+    assert report(s, x, 1, 0.65, 2_000) == CONTINUE  # the best AUC at the rung
+    # epoch 2 (no rung): 0.72 at 2,000 bytes ends below b0 (0.74 at 1,000 bytes) if it gains no more, as the
+    # baselines did; but no sampled trial has finished, so nothing projects its end
+    assert report(s, x, 2, 0.72, 2_000) == CONTINUE
+    assert "outrun by a finished trial: 0" in s.debug_string()
+    for name, (size, curve) in FINISHED.items():  # sampled trials converge, gaining 0.06, 0.02, 0.02 after epoch 2
+        (d,) = added(s, name)
+        for t, auc in enumerate(curve, 1):  # their decisions do not matter here, only that they end ``final``
+            s.on_trial_result(None, d, result(t, auc, size * 10))
+        s.on_trial_complete(None, d, {**result(len(curve), curve[-1], size * 10), "final": True})
+    y, z = added(s, "y", "z")
+    assert report(s, y, 1, 0.705, 2_000) == CONTINUE and report(s, z, 1, 0.71, 2_000) == CONTINUE
+    assert report(s, y, 2, 0.71, 2_000) == STOP  # 0.71 + the median 0.02 ends below b0: outrun
+    assert report(s, z, 2, 0.73, 2_000) == CONTINUE  # 0.75 at 2,000 bytes: no finished trial dominates it
+
+
 def test_pareto_asha_save_restore_keeps_rungs(tmp_path):
     s = pareto()
     a, b = added(s, "a", "b")
@@ -365,7 +389,11 @@ def test_keeps_on_auc_alone_agrees_with_ray_asha_outside_its_interpolation(previ
     if previous:
         d = (len(previous) - 1) / eta  # ASHA's cutoff, counted from the best recorded reward
         desc = sorted(previous, reverse=True)
-        lo, hi = desc[math.ceil(d)], desc[math.floor(d)]
+        # At a whole d Ray's percentile may still interpolate a float's width toward a neighbour: for previous=[0] * 7
+        # + [1] * 3 and eta=3 (found by hypothesis) its cutoff is np.percentile(previous, 66.66666666666667) = 8.9e-16,
+        # so it stops new=0, which ties the 4th best and which we keep. [lo, hi) spans both neighbours of a whole d.
+        lo = desc[min(len(desc) - 1, math.ceil(d + 1e-9))]
+        hi = desc[max(0, math.floor(d - 1e-9))]
         if lo <= new < hi:  # empty when ASHA's quantile falls on a recorded value
             return
     assert ours == ray_continues
