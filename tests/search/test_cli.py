@@ -77,6 +77,14 @@ def test_cli_search_end_to_end(tmp_path):
     assert len(progress) == len(names) and all(names[trial] == run for run, trial, _ in progress), p.stdout
     table = p.stdout.split("Pareto front and heuristic baselines")[1].split("recommended:")[0].strip().splitlines()
     assert table[1].split()[-1] == "run" and [ln.split()[-1] for ln in table[2:]] == front["run_name"].tolist()
+    # the same command again: the search has ended, so it says so, trains nothing and prints the same pick
+    again = run(["search", "--rows", "8000", "--trials", "4", "--max-epochs", "2", "--name", "cli", "--num-cpus", "2"],
+                tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"search 'cli' in {out} has ended" in again.stdout and "continuing search" not in again.stdout
+    assert not re.findall(r"<- (\S+) \((\w+)\) (completed|stopped_early|failed)", again.stdout), again.stdout
+    pick_line = next(ln for ln in p.stdout.splitlines() if ln.startswith("recommended: "))
+    assert pick_line in again.stdout.splitlines()
 
 
 def test_cli_multi_column_joins_the_features(tmp_path):
