@@ -263,11 +263,12 @@ def cmd_search(args) -> int:
     print(data.summary())
     for line in _pin_notes(data, space):
         print(f"embsize: warning: {line}", file=sys.stderr)
-    if previous is not None and (settings.out / "summary.json").is_file():  # written when its last trial had ended
-        print(f"search '{name}' in {settings.out} has ended; running it again trains only what it left unfinished "
-              "(nothing, if every trial ended) and prints its result; a new --name starts a new search")
-    elif previous is not None:
-        print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
+    if previous is not None:
+        if (settings.out / "summary.json").is_file():  # written when its last trial had ended
+            print(f"search '{name}' in {settings.out} has ended; running it again trains only what it left unfinished "
+                  "(nothing, if every trial ended) and prints its result; a new --name starts a new search")
+        else:
+            print(f"continuing search '{name}' from {settings.out} (finished trials are kept)")
     note = _budget_note(data, space, budget) if budget is not None and not args.no_heuristics else None
     if not args.verbose:
         _quiet_trial_tracebacks()

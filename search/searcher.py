@@ -25,6 +25,7 @@ from typing import Mapping
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from .sensitivity import quiet_optuna
 from .space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,8 @@ class DimSearch(OptunaSearch):
         return self._ot_study
 
     def _setup_study(self, mode):
-        import optuna
-
-        # Optuna logs "A new study created in Journal with name: ..." at INFO on every new search; the CLI's own start
-        # line names the search already. Its verbosity is process-wide, so it is set back after.
-        verbosity = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
-        try:
+        with quiet_optuna():  # "A new study created in Journal ..." on every new search
             super()._setup_study(mode)
-        finally:
-            optuna.logging.set_verbosity(verbosity)
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self._configs:  # Ray may ask again for a restored trial

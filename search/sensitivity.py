@@ -15,6 +15,7 @@ training knob (lr, hidden, dropout) below that share is "little effect" instead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -27,6 +28,20 @@ log = logging.getLogger(__name__)
 
 MIN_TRIALS = 4  # completed trials below which importances are not estimated
 SHRINK_SHARE = 0.5  # importance below this fraction of an even share -> "can shrink"
+
+
+@contextlib.contextmanager
+def quiet_optuna():
+    """Optuna's INFO lines ("A new study created in memory/Journal with name: ...") off for a block: the commands'
+    own lines name the search already. Optuna's verbosity is process-wide, so it is set back after."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def journal_study(path: str | Path, name: str):
@@ -64,12 +79,8 @@ def records_study(records: list[dict]):
             dists[k] = CategoricalDistribution(sorted(set(values)))
         else:
             dists[k] = FloatDistribution(float(low), float(high), log=k == "lr")
-    verbosity = optuna.logging.get_verbosity()  # "A new study created in memory ..." is no news in a report
-    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
-    try:
+    with quiet_optuna():
         study = optuna.create_study(directions=["maximize", "minimize"])
-    finally:
-        optuna.logging.set_verbosity(verbosity)
     for r in done:
         attrs = {"trial_id": r["trial_id"], **({"heuristic": r["heuristic"]} if r.get("heuristic") else {})}
         study.add_trial(optuna.trial.create_trial(
@@ -84,14 +95,12 @@ def importances(study, seed: int = 0) -> dict[str, float]:
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    # The heuristic baselines are used with the rest, but do not count: every rule grows all dims together with the
-    # features' cardinalities, so baselines alone cannot tell which feature's dim moved the AUC.
-    baselines = sum(bool(t.user_attrs.get("heuristic")) for t in done)
-    if len(done) - baselines < MIN_TRIALS:
+    searched = _searched(study)
+    if searched < MIN_TRIALS:
+        baselines = len(done) - searched
         raise ValueError(
-            f"sensitivity needs at least {MIN_TRIALS} completed searched trials, but the search has "
-            f"{len(done) - baselines}" + (f" (and {baselines} heuristic baselines, whose dims all grow together)"
-                                          if baselines else "")
+            f"sensitivity needs at least {MIN_TRIALS} completed searched trials, but the search has {searched}"
+            + (f" (and {baselines} heuristic baselines, whose dims all grow together)" if baselines else "")
             + "; run it with more --trials, or --scheduler fifo so that no trial is stopped early")
     varied = [k for k in done[0].params if len({t.params.get(k) for t in done}) > 1 and all(k in t.params for t in done)]
     if not varied:
@@ -137,7 +146,7 @@ def sensitivity(result, seed: int = 0) -> tuple[pd.DataFrame, str]:
     journal = result.extra.get("journal") if result.extra else result.out / "optuna.journal"
     study = journal_study(journal, result.study_name) if journal is not None else None
     source = "optuna journal"
-    if study is None or _completed(study) < MIN_TRIALS:
+    if study is None or _searched(study) < MIN_TRIALS:
         study, source = records_study(result.trials), "mlflow runs"
     return sensitivity_table(study, result.trials, result.recommended, seed), source
 
@@ -166,10 +175,14 @@ def plot_sensitivity(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def _completed(study) -> int:
+def _searched(study) -> int:
+    """Completed trials that are not heuristic baselines. The baselines are used with the rest, but do not count:
+    every rule grows all dims together with the features' cardinalities, so they cannot tell which feature's dim
+    moved the AUC."""
     import optuna
 
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return sum(not t.user_attrs.get("heuristic") for t in done)
 
 
 def _value(record: dict, param: str):

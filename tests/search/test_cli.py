@@ -52,8 +52,8 @@ def test_cli_train_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_cli_search_end_to_end(tmp_path):
-    p = run(["search", "--rows", "8000", "--trials", "4", "--max-epochs", "2", "--name", "cli", "--num-cpus", "2"],
-            tmp_path)
+    command = ["search", "--rows", "8000", "--trials", "4", "--max-epochs", "2", "--name", "cli", "--num-cpus", "2"]
+    p = run(command, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     out = tmp_path / "embsize-out" / "cli"
     recipe = yaml.safe_load((out / "recommended.yaml").read_text())
@@ -78,8 +78,7 @@ def test_cli_search_end_to_end(tmp_path):
     table = p.stdout.split("Pareto front and heuristic baselines")[1].split("recommended:")[0].strip().splitlines()
     assert table[1].split()[-1] == "run" and [ln.split()[-1] for ln in table[2:]] == front["run_name"].tolist()
     # the same command again: the search has ended, so it says so, trains nothing and prints the same pick
-    again = run(["search", "--rows", "8000", "--trials", "4", "--max-epochs", "2", "--name", "cli", "--num-cpus", "2"],
-                tmp_path)
+    again = run(command, tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"search 'cli' in {out} has ended" in again.stdout and "continuing search" not in again.stdout
     assert not re.findall(r"<- (\S+) \((\w+)\) (completed|stopped_early|failed)", again.stdout), again.stdout
