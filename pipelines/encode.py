@@ -161,6 +161,12 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.label)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays: values, offsets and labels."""
+        cols = sum(c.values.nbytes + (c.offsets.nbytes if c.offsets is not None else 0) for c in self.columns.values())
+        return cols + self.label.nbytes
+
     def take(self, rows: np.ndarray) -> Encoded:
         return Encoded({k: c.take(rows) for k, c in self.columns.items()}, self.label[rows])
 

@@ -192,6 +192,68 @@ def check_fits(nodes: list[dict], cpus_per_trial: float, gpus_per_trial: float) 
                              f"add a node with more {name}s (ray start --num-{name.lower()}s)")
 
 
+GIB = 1 << 30
+WORKER_BYTES = 400_000_000  # a trial worker before its model and data: Python, torch, Ray, pipelines (335 MB measured)
+
+
+class TrialResources:
+    """Ray Tune's per-config resource request (``tune.with_resources(trainable, TrialResources(...))``): the trial's
+    CPUs and GPU share, and Ray's ``memory`` resource for what training its config takes.
+
+    Ray does not measure a trial before placing it: with CPUs alone, two baselines of a 700k-user vocabulary (fastai's
+    600 dims, 1.7 GB of parameters, ~8 GB to train each) start together on a 2-CPU 16 GB laptop and one is killed by
+    the OOM killer, or by Ray's memory monitor. Asking for the memory a config needs makes Ray run such trials one at a
+    time while small ones still share the node.
+
+    The request is a whole number of GiB: every model under ~1 GiB to train asks the same, so Tune's ``reuse_actors``
+    (which reuses an actor for an equal request only) keeps reusing them. It is capped at the largest node's
+    ``memory``: a trial above it runs alone (and may fail, as one trial), instead of waiting forever for a node that
+    never comes. ``--memory-budget`` keeps such configs out of the search.
+    """
+
+    def __init__(self, space, cpus: float, gpus: float, data_bytes: int, node_memory: float | None):
+        self.space, self.cpus, self.gpus = space, cpus, gpus
+        self.data_bytes, self.node_memory = int(data_bytes), node_memory
+        self._warned: set[int] = set()
+
+    def memory(self, config: dict) -> int:
+        """Bytes a trial of ``config`` holds at its peak: the worker; its own copies of the data, twice the arrays
+        (the object store's are shared by the node's trials, but the trainer stacks the single-valued columns into
+        one index matrix and shuffles it each epoch); and the model ``training_copies()`` times over on the CPU (its
+        parameters, gradients, Adam's moments and a checkpoint), or twice on a GPU (the host holds the checkpoint
+        and its serialized copy; the rest is on the device)."""
+        from pipelines.memory import training_copies
+
+        copies = 2 if self.gpus else training_copies()
+        return WORKER_BYTES + 2 * self.data_bytes + self.space.bytes(config) * copies
+
+    def request(self, config: dict) -> int:
+        """The ``memory`` resource asked for ``config``: ``memory`` rounded up to whole GiB, capped at the largest
+        node's."""
+        need = math.ceil(self.memory(config) / GIB) * GIB
+        if self.node_memory is None or need <= self.node_memory:
+            return need
+        if need not in self._warned:  # the callable runs per trial (and again on a retry): one line per size
+            self._warned.add(need)
+            log.warning("a trial needs about %.1f GB of memory to train, more than the largest Ray node's %.1f GB: it "
+                        "runs alone on that node and may run out of memory (--memory-budget BYTES keeps such configs "
+                        "out of the search)", need / 1e9, self.node_memory / 1e9)
+        return int(self.node_memory)
+
+    def __call__(self, config: dict):
+        from ray.tune import PlacementGroupFactory
+
+        bundle = {"CPU": self.cpus, "memory": self.request(config)}
+        if self.gpus:
+            bundle["GPU"] = self.gpus
+        return PlacementGroupFactory([bundle])
+
+
+def largest_memory(nodes: list[dict]) -> float | None:
+    """The largest ``memory`` resource of the given Ray nodes (bytes Ray lets tasks reserve), None if none says."""
+    return max((n["Resources"]["memory"] for n in nodes if n.get("Resources", {}).get("memory")), default=None)
+
+
 def _nodes_not_seeing(path: str, nodes: list[dict]) -> list[str]:
     """Write a marker from the driver; a task pinned to each node reads it back. Returns the blind nodes' labels."""
     import pyarrow.fs

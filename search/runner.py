@@ -137,7 +137,7 @@ def run_search(
     from ray.tune.logger import JsonLoggerCallback
 
     from . import checkpoints, preflight, resume, tracking
-    from .cluster import experiment_path, is_uri
+    from .cluster import TrialResources, alive_nodes, experiment_path, is_uri, largest_memory
     from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
 
@@ -216,9 +216,9 @@ def run_search(
                 settings.checkpoint_seconds,
             )
             trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
-            resources = {"cpu": settings.cpus_per_trial}
-            if settings.gpus_per_trial:
-                resources["gpu"] = settings.gpus_per_trial
+            # each trial asks for its CPUs and the memory its config takes to train (cluster.TrialResources)
+            resources = TrialResources(space, settings.cpus_per_trial, settings.gpus_per_trial,
+                                       data.train.nbytes + data.val.nbytes, largest_memory(alive_nodes()))
             trainable = tune.with_resources(trainable, resources)
             cpus = ray.cluster_resources().get("CPU", 1)
             concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))

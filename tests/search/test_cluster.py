@@ -270,3 +270,88 @@ def test_cluster_search_refuses_the_default_local_storage(cluster, tmp_path):
     assert not (tmp_path / "embsize-out").exists()  # no search folder (search.json) ...
     assert runs() == before  # ... and no FAILED parent run in the server
     assert "outputs ->" not in done.stdout
+
+
+class _Space:  # the one SearchSpace method TrialResources reads: a config's model bytes
+    def bytes(self, config):
+        return config["bytes"]
+
+
+def test_trial_resources_ask_for_the_memory_training_takes_in_whole_gib_capped_at_the_largest_node():
+    from pipelines.memory import training_copies
+    from search.cluster import GIB, WORKER_BYTES, TrialResources, largest_memory
+
+    node = largest_memory([{"Resources": {"CPU": 2.0, "memory": 10 * GIB}},
+                           {"Resources": {"CPU": 2.0, "memory": 12.5 * GIB}}, {"Resources": {"CPU": 1.0}}])
+    assert node == 12.5 * GIB
+    r = TrialResources(_Space(), cpus=1, gpus=0, data_bytes=100_000_000, node_memory=node)
+    small, other_small = {"bytes": 1_000_000}, {"bytes": 40_000_000}
+    assert r.memory(small) == WORKER_BYTES + 2 * 100_000_000 + 1_000_000 * training_copies()
+    # every small model asks the same: Tune reuses an actor for an equal request only
+    assert r.request(small) == r.request(other_small) == GIB
+    big = {"bytes": 1_700_000_000}  # fastai's 600 dims over a 700k-user vocabulary
+    assert r.request(big) == math.ceil(r.memory(big) / GIB) * GIB > 2 * 4 * GIB  # two would not fit a 16 GB laptop
+    assert r.request({"bytes": 4_000_000_000}) == 12.5 * GIB  # over every node: runs alone, never waits forever
+    bundle = r(big).bundles[0]
+    assert bundle == {"CPU": 1, "memory": r.request(big)}
+    gpu = TrialResources(_Space(), cpus=1, gpus=0.5, data_bytes=0, node_memory=None)
+    assert gpu(big).bundles[0]["GPU"] == 0.5
+    assert gpu.memory(big) == WORKER_BYTES + 2 * 1_700_000_000  # the model trains on the device
+    assert largest_memory([{"Resources": {"CPU": 1.0}}]) is None
+
+
+MEMORY_SCRIPT = """
+import json, logging, sys, time
+import ray
+from pipelines import prepare
+from pipelines.load import load
+from search.runner import SearchSettings, run_search
+from search.space import SearchSpec, build_space
+
+out = sys.argv[1]
+data = prepare(load("synthetic", synthetic_rows=20_000, seed=0), seed=0)
+space = build_space(data.features, SearchSpec(max_dim=8))
+report = {}
+for label, memory in (("roomy", 4 << 30), ("one_gib_fits_once", 3 << 29), ("below_one_trial", 600 << 20)):
+    ray.init(num_cpus=2, _memory=memory, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    running, most, outcomes = set(), 0, []
+
+    def on_event(kind, trial, result):
+        global most
+        if kind == "start":
+            running.add(trial.trial_id)
+            most = max(most, len(running))
+        elif kind in ("completed", "stopped_early", "failed"):
+            running.discard(trial.trial_id)
+            outcomes.append(kind)
+
+    # batches of 8: a trial trains for seconds (longer than a second worker takes to start), so two that may run
+    # together do
+    settings = SearchSettings(name=label, trials=4, max_epochs=2, patience=0, scheduler="fifo", heuristics=False,
+                              batch_size=8,
+                              tracking_uri=f"sqlite:///{out}/mlflow.db", output_dir=out, seed=0)
+    started = time.monotonic()
+    result = run_search(data, space, settings, on_event=on_event)
+    report[label] = {"most_at_once": most, "outcomes": outcomes, "trials": len(result.trials),
+                     "seconds": time.monotonic() - started}
+    ray.shutdown()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_trials_run_at_once_only_while_the_memory_they_ask_for_fits_the_node(tmp_path):
+    """Ray places each trial by the memory its config takes to train (TrialResources), not by CPUs alone. A real
+    local Ray with 2 CPUs and a set ``memory`` resource: with room for two small trials, two run at once; with room
+    for one 1 GiB request, one at a time; with less than one, each still runs (capped to the node), alone."""
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=900,
+                          env={**os.environ, "RAY_AIR_NEW_OUTPUT": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    for label, run in report.items():
+        assert run["trials"] == 4 and run["outcomes"] == ["completed"] * 4, (label, run)
+    assert report["roomy"]["most_at_once"] == 2, report  # trials overlap where memory allows
+    assert report["one_gib_fits_once"]["most_at_once"] == 1, report
+    assert report["below_one_trial"]["most_at_once"] == 1, report
+    assert "more than the largest Ray node's" in done.stderr, done.stderr[-3000:]
