@@ -266,6 +266,21 @@ def _flat(nested) -> list[torch.Tensor]:
     return [t for item in nested for t in _flat(item)]
 
 
+# From here dense Adam spends most of each step on the rows the batch did not touch. Measured (1 thread, 400k rows,
+# the table at 16 dims): sparse vs dense 1.06x at 30k rows, 1.55x at 100k, 2.9x at 300k; ~30x at 665k x 29 dims.
+SPARSE_HINT_ROWS = 100_000
+
+
+def sparse_hint(features) -> str | None:
+    """A note for a run with dense gradients on a table of ``SPARSE_HINT_ROWS`` rows or more, else None."""
+    big = max(features, key=lambda f: f.cardinality, default=None)
+    if big is None or big.cardinality < SPARSE_HINT_ROWS:
+        return None
+    return (f"note: feature '{big.name}' has {big.cardinality:,} categories, and dense Adam updates every row of its "
+            f"table at every step; --sparse updates only the rows a batch touches (lazy Adam), several times faster "
+            f"on a table this large (it learns a little differently: compare on a short run)")
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)

@@ -126,7 +126,7 @@ def _check_train_flags(args) -> None:
 def cmd_train(args) -> int:
     from pipelines import ModelConfig, TrainConfig, evaluate, model_bytes, train
     from pipelines.memory import check_fits, embedding_bytes, training_copies
-    from pipelines.train import SplitTensors
+    from pipelines.train import SplitTensors, sparse_hint
 
     _check_train_flags(args)
     if args.config:
@@ -150,6 +150,9 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
                       seed=args.seed, threads=args.threads, sparse=args.sparse)
     print(data.summary())
+    hint = None if args.sparse else sparse_hint(data.features)
+    if hint:
+        print(hint)
     print("dims: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
 
     def on_epoch(r, _snapshot):
@@ -226,6 +229,7 @@ def cmd_search(args) -> int:
     data, info = _load(args)
     space = build_space(data.features, spec)
     from pipelines.memory import available_bytes, training_copies
+    from pipelines.train import sparse_hint
 
     have = available_bytes() if address is None else None  # a cluster's nodes may have more than this machine
     need = space.min_bytes() * training_copies()  # a trial keeps no best-epoch copy
@@ -261,6 +265,9 @@ def cmd_search(args) -> int:
         resume.check_not_running(settings.out, name)
     print(f"data: {info['source']}")
     print(data.summary())
+    hint = None if settings.sparse else sparse_hint(data.features)
+    if hint:
+        print(hint)
     for line in _pin_notes(data, space):
         print(f"embsize: warning: {line}", file=sys.stderr)
     if previous is not None:
@@ -275,7 +282,8 @@ def cmd_search(args) -> int:
     while True:
         # said once run_search's checks (tracking store, Ray cluster, storage, free space) have passed: a refused
         # search names no outputs, and a dated name taken at the last moment is said as the one used
-        header = [f"search '{name}': {args.trials} trials + baselines, <= {args.max_epochs} epochs each, scheduler "
+        header = [f"search '{name}': {args.trials} trial{'s' if args.trials != 1 else ''}"
+                  f"{'' if args.no_heuristics else ' + baselines'}, <= {args.max_epochs} epochs each, scheduler "
                   f"{args.scheduler}; outputs -> {settings.out}"] + ([note] if note else [])
         progress = _Progress(args.trials, header)
         command = _command(args, name, out_dir, uri)
