@@ -217,28 +217,12 @@ class TrialResources:
         self._warned: set[int] = set()
 
     def memory(self, config: dict) -> int:
-        """Bytes a trial of ``config`` holds at its peak: the worker; its own copies of the data, twice the arrays
-        (the object store's are shared by the node's trials, but the trainer stacks the single-valued columns into
-        one index matrix and shuffles it each epoch); and the model ``training_copies()`` times over on the CPU (its
-        parameters, gradients, Adam's moments and a checkpoint), or twice on a GPU (the host holds the checkpoint
-        and its serialized copy; the rest is on the device)."""
-        from pipelines.memory import training_copies
-
-        copies = 2 if self.gpus else training_copies()
-        return WORKER_BYTES + 2 * self.data_bytes + self.space.bytes(config) * copies
+        """Bytes a trial of ``config`` holds at its peak (``training_memory``)."""
+        return training_memory(self.space.bytes(config), self.data_bytes, gpu=bool(self.gpus))
 
     def request(self, config: dict) -> int:
-        """The ``memory`` resource asked for ``config``: ``memory`` rounded up to whole GiB, capped at the largest
-        node's."""
-        need = math.ceil(self.memory(config) / GIB) * GIB
-        if self.node_memory is None or need <= self.node_memory:
-            return need
-        if need not in self._warned:  # the callable runs per trial (and again on a retry): one line per size
-            self._warned.add(need)
-            log.warning("a trial needs about %.1f GB of memory to train, more than the largest Ray node's %.1f GB: it "
-                        "runs alone on that node and may run out of memory (--memory-budget BYTES keeps such configs "
-                        "out of the search)", need / 1e9, self.node_memory / 1e9)
-        return int(self.node_memory)
+        """The ``memory`` resource asked for ``config`` (``memory_request``)."""
+        return memory_request(self.memory(config), self.node_memory, self._warned)
 
     def __call__(self, config: dict):
         from ray.tune import PlacementGroupFactory
@@ -247,6 +231,33 @@ class TrialResources:
         if self.gpus:
             bundle["GPU"] = self.gpus
         return PlacementGroupFactory([bundle])
+
+
+def training_memory(model_bytes: int, data_bytes: int, gpu: bool = False, keep_best: bool = False) -> int:
+    """Bytes a training run holds at its peak: the worker; its own copies of the data, twice the arrays (the object
+    store's are shared by the node's workers, but the trainer stacks the single-valued columns into one index matrix
+    and shuffles it each epoch); and the model ``training_copies(keep_best)`` times over on the CPU (its parameters,
+    gradients, Adam's moments, a checkpoint, the best epoch's copy), or twice on a GPU (the host holds the checkpoint
+    and its serialized copy; the rest is on the device)."""
+    from pipelines.memory import training_copies
+
+    copies = 2 if gpu else training_copies(keep_best)
+    return WORKER_BYTES + 2 * int(data_bytes) + int(model_bytes) * copies
+
+
+def memory_request(need: int, node_memory: float | None, warned: set | None = None) -> int:
+    """Ray's ``memory`` resource to ask for a run that needs ``need`` bytes: whole GiB, capped at the largest node's
+    (said once per size in ``warned``)."""
+    ask = math.ceil(need / GIB) * GIB
+    if node_memory is None or ask <= node_memory:
+        return ask
+    if warned is None or ask not in warned:  # a trial's request is asked for per trial (and again on a retry)
+        if warned is not None:
+            warned.add(ask)
+        log.warning("a run needs about %.1f GB of memory to train, more than the largest Ray node's %.1f GB: it runs "
+                    "alone on that node and may run out of memory (--memory-budget BYTES keeps such configs out of "
+                    "a search)", ask / 1e9, node_memory / 1e9)
+    return int(node_memory)
 
 
 def largest_memory(nodes: list[dict]) -> float | None:

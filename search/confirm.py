@@ -76,6 +76,7 @@ class ConfirmSettings:
     max_epochs: int = 12  # as the search trained
     patience: int = 3
     batch_size: int = 1024
+    sparse: bool = False  # as the search trained: lazy Adam learns differently, and dense is slow on large tables
     workers: int = 1  # parallel retrains: 1 = in this process; more = Ray tasks of one CPU each
     rule: str = "epsilon"  # the search's recommendation rule
     epsilon: float = 0.002
@@ -271,7 +272,7 @@ def retrained_recipe(result, s: ConfirmSettings, data: EncodedDataset, cand: Can
     return Recipe(
         data.features, model,
         TrainConfig(lr=cand.lr, batch_size=s.batch_size, max_epochs=s.max_epochs, patience=s.patience,
-                    seed=int(result.extra["settings"]["seed"])),
+                    sparse=s.sparse, seed=int(result.extra["settings"]["seed"])),
         dataset={**dataset, "name": data.name, "fingerprint": data.fingerprint},
         expected=expected,
         provenance={"search": result.name, **provenance, "mlflow": mlflow_info},
@@ -333,7 +334,7 @@ def _train_one(model: ModelConfig, lr: float, seed: int, data: EncodedDataset, s
     from pipelines import TrainConfig, train
 
     cfg = TrainConfig(lr=lr, batch_size=s.batch_size, max_epochs=s.max_epochs, patience=s.patience, seed=seed,
-                      threads=1)
+                      sparse=s.sparse, threads=1)
     r = train(model, cfg, data)
     return {"auc": float(r.best_val_auc), "best_epoch": int(r.best_epoch), "epochs": int(r.epochs)}
 
@@ -342,10 +343,16 @@ def _ray_map(jobs: list, data: EncodedDataset, s: ConfirmSettings) -> list[dict]
     """The retrains as Ray tasks of one CPU each, on a running Ray or a local one of ``s.workers`` CPUs."""
     import ray
 
+    from .cluster import alive_nodes, largest_memory, memory_request, training_memory
+
     with local_ray(s.workers):
         task = ray.remote(num_cpus=1, max_retries=1)(_train_one)
         ref = ray.put(data)  # once in the object store, not once per task
-        return ray.get([task.remote(c.model, c.lr, seed, ref, s) for c, seed in jobs])
+        # each asks for the memory it takes to train, as a search's trials do (cluster.TrialResources)
+        node, warned, rows = largest_memory(alive_nodes()), set(), data.train.nbytes + data.val.nbytes
+        return ray.get([
+            task.options(memory=memory_request(training_memory(c.model_bytes, rows, keep_best=True), node, warned))
+            .remote(c.model, c.lr, seed, ref, s) for c, seed in jobs])
 
 
 @contextlib.contextmanager

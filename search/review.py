@@ -72,7 +72,7 @@ def load_review(run: str, tracking_uri: str | None = None, experiment: str = "em
 
     ``extra`` holds: ``tracking_uri``, ``experiment_id``, ``params`` and ``metrics`` of the parent run, ``fixed``
     (a ``Fixed``), ``features`` (FeatureInfo tuple), ``recipe`` (the recommended Recipe or None), ``settings``
-    (rule, epsilon, memory_budget, max_epochs, patience, batch_size, seed), ``journal`` (path of the Optuna journal
+    (rule, epsilon, memory_budget, max_epochs, patience, batch_size, seed, lr, sparse), ``journal`` (path of the Optuna journal
     on this machine, may not exist) and ``tagged_recommendation`` (the trial id the search itself recommended).
     """
     from . import tracking
@@ -206,6 +206,7 @@ def _settings(params: dict) -> dict:
         "batch_size": num("batch_size", int, 1024),
         "seed": num("seed", int, 0),
         "lr": num("lr", float, 3e-3),
+        "sparse": params.get("search.sparse") == "True",
     }
 
 

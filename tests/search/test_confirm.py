@@ -253,3 +253,32 @@ def test_confirm_refuses_a_search_running_on_this_machine_and_report_warns(ray_s
         holder.kill()
         holder.join(timeout=30)
         c.update_run(result.parent_run_id, status="FINISHED")
+
+
+@pytest.mark.slow
+def test_confirm_retrains_as_a_sparse_search_trained(ray_session, tmp_path, monkeypatch, capsys):
+    """A search run with --sparse (lazy Adam) is confirmed with lazy Adam too: each retrain equals `train` with
+    sparse=True at that seed (not the dense one, which learns differently), and the confirmed recipe says so."""
+    from pipelines import TrainConfig, prepare, train
+    from pipelines.load import load
+    from search.review import trial_setup
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["search", "--rows", "4000", "--trials", "2", "--max-epochs", "2", "--max-dim", "6", "--sparse",
+                 "--name", "sp", "--tracking-uri", uri]) == 0
+    out = tmp_path / "confirm"
+    assert main(["confirm", "sp", "--seeds", "2", "--workers", "1", "--tracking-uri", uri, "--out", str(out)]) == 0
+    capsys.readouterr()
+    recipe = Recipe.load(out / "confirmed.yaml")
+    assert recipe.train.sparse is True
+    reviewed = load_review("sp", uri)
+    assert reviewed.extra["settings"]["sparse"] is True
+    table = read_table(out / "confirm.csv").set_index("trial_id")
+    trial = next(r for r in reviewed.trials if r["trial_id"] == table.index[0])
+    model, overrides = trial_setup(reviewed, trial)
+    data = prepare(load("synthetic", synthetic_rows=4000, seed=0), seed=0)
+    cfg = TrainConfig(lr=overrides["lr"], max_epochs=2, patience=3, seed=1, threads=1)
+    sparse, dense = (train(model, replace(cfg, sparse=s), data).best_val_auc for s in (True, False))
+    assert table.loc[table.index[0], "auc_seed0"] == pytest.approx(sparse, abs=1e-5)
+    assert abs(sparse - dense) > 1e-5  # else this would not tell the two apart
