@@ -118,8 +118,8 @@ def cmd_confirm(args) -> int:
     workers, estimate = plan_workers(candidates(result), args.seeds, extra=extra)
     settings = ConfirmSettings(
         seeds=args.seeds, first_seed=st["seed"] + 1, max_epochs=st["max_epochs"], patience=st["patience"],
-        batch_size=st["batch_size"], sparse=st["sparse"], workers=args.workers or workers, rule=st["rule"], epsilon=st["epsilon"],
-        budget=st["memory_budget"],
+        batch_size=st["batch_size"], sparse=st["sparse"], workers=args.workers or workers, rule=st["rule"],
+        epsilon=st["epsilon"], budget=st["memory_budget"],
     )
     print(f"confirming search '{result.name}': retraining its front, recommendation and baselines with seeds "
           f"{settings.seed_list}, {settings.workers} at once (~{estimate:.0f} s of training in sequence"

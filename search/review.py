@@ -72,8 +72,9 @@ def load_review(run: str, tracking_uri: str | None = None, experiment: str = "em
 
     ``extra`` holds: ``tracking_uri``, ``experiment_id``, ``params`` and ``metrics`` of the parent run, ``fixed``
     (a ``Fixed``), ``features`` (FeatureInfo tuple), ``recipe`` (the recommended Recipe or None), ``settings``
-    (rule, epsilon, memory_budget, max_epochs, patience, batch_size, seed, lr, sparse), ``journal`` (path of the Optuna journal
-    on this machine, may not exist) and ``tagged_recommendation`` (the trial id the search itself recommended).
+    (rule, epsilon, memory_budget, max_epochs, patience, batch_size, seed, lr, sparse), ``journal`` (path of the
+    Optuna journal on this machine, may not exist) and ``tagged_recommendation`` (the trial id the search itself
+    recommended).
     """
     from . import tracking
 
