@@ -122,9 +122,16 @@ def candidates(result) -> list[Candidate]:
         out.append(Candidate(
             r["trial_id"], HEURISTICS.get(r["heuristic"], r["heuristic"]) if r["heuristic"] else "search", model,
             overrides["lr"], int(r["model_bytes"]), float(r["best_val_auc"]), r["run_id"], bool(r.get("on_front")),
-            r["heuristic"], r["epochs"] * r.get("epoch_seconds", math.nan), r.get("run_name", ""),
+            r["heuristic"], _train_seconds(r), r.get("run_name", ""),
         ))
     return out
+
+
+def _train_seconds(record: dict) -> float:
+    """The search's training time of a trial: Ray's, else (a run from before embsize logged it) its epochs times
+    its last epoch's seconds."""
+    seconds = float(record.get("train_seconds", math.nan))
+    return seconds if math.isfinite(seconds) else record["epochs"] * record.get("epoch_seconds", math.nan)
 
 
 def decide(cands: list[Candidate], aucs: dict[str, list[float]], recommended: str, rule: str = "epsilon",

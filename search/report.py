@@ -19,7 +19,10 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         row = {k: r[k] for k in ("trial_id", "heuristic", "outcome", "best_val_auc", "model_bytes", "embedding_bytes",
-                                 "epochs", "ended", "run_id", "error")}
+                                 "epochs")}
+        # seconds Ray spent training the trial (NaN for a run written before embsize logged it)
+        row["train_seconds"] = round(float(r.get("train_seconds", math.nan)), 3)
+        row.update({k: r[k] for k in ("ended", "run_id", "error")})
         row["run_name"] = r.get("run_name", "")
         row["on_front"] = bool(r.get("on_front", False))
         row.update({f"dim.{k}": v for k, v in r["dims"].items()})

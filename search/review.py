@@ -182,6 +182,7 @@ def _record(run, features: tuple[FeatureInfo, ...], fixed: Fixed) -> dict | None
             features, dims, hidden_layers(config["hidden"]) if "hidden" in config else fixed.hidden),
         "embedding_bytes": int(sum(embedding_bytes(features, dims).values())),
         "epochs": int(metrics.get("epochs_trained", 0)),
+        "train_seconds": float(metrics.get("train_seconds", math.nan)),  # Ray's training time of the trial
         "ended": tags.get("ended", ""),
         "dims": dims,
         "config": config,

@@ -453,8 +453,9 @@ def _open_parent(
 
 
 def _record(space: SearchSpace, config: dict, **fields) -> dict:
-    """A trial's record: ``fields`` (trial_id, heuristic, outcome, best_val_auc, embedding_bytes, epochs, ended, run_id,
-    run_name, error) and what its config gives: the model's dims and bytes, and the config itself."""
+    """A trial's record: ``fields`` (trial_id, heuristic, outcome, best_val_auc, embedding_bytes, epochs,
+    train_seconds, ended, run_id, run_name, error) and what its config gives: the model's dims and bytes, and the
+    config itself."""
     model_cfg, _ = space.decode(config)
     return {**fields, "model_bytes": int(space.bytes(config)), "dims": dict(model_cfg.dims), "config": dict(config)}
 
@@ -475,6 +476,7 @@ def _records(grid, space: SearchSpace, run_ids: dict[str, str], names: dict[str,
             best_val_auc=float(metrics.get("best_val_auc", math.nan)),
             embedding_bytes=int(metrics.get("embedding_bytes", 0)),
             epochs=int(metrics.get("epoch", 0)),
+            train_seconds=float(metrics.get("time_total_s", math.nan)),  # Ray's, over retries and resumes
             ended=metrics.get("ended", ""),
             run_id=run_ids.get(trial_id, ""),
             run_name=names.get(trial_id, ""),
@@ -512,6 +514,7 @@ def _unsaved_records(children: list, known: set[str], space: SearchSpace, data: 
             outcome=tags["outcome"],
             best_val_auc=float(metrics.get("best_val_auc", math.nan)),
             epochs=int(metrics.get("epochs_trained", 0)),
+            train_seconds=float(metrics.get("train_seconds", math.nan)),
             ended=tags.get("ended", ""),
             run_id=run.info.run_id,
             run_name=run.info.run_name or "",

@@ -588,6 +588,9 @@ class TrialRuns(Callback):
             metrics.append(Metric("best_val_auc", float(result["best_val_auc"]), now, int(result.get("epoch", 0))))
         if isinstance(result.get("epoch_seconds"), (int, float)) and math.isfinite(result["epoch_seconds"]):
             metrics.append(Metric("epoch_seconds", float(result["epoch_seconds"]), now, 0))  # its last epoch's
+        if isinstance(result.get("time_total_s"), (int, float)) and math.isfinite(result["time_total_s"]):
+            # Ray's training time of the trial, over its retries and resumes: what the config cost to train
+            metrics.append(Metric("train_seconds", float(result["time_total_s"]), now, 0))
         self.c.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
         if error and error_text:  # the whole traceback, which the CLI does not print (the tag holds its last line)
             self.c.log_text(run_id, error_text, "error.txt")

@@ -243,3 +243,22 @@ def test_a_resumed_searchs_parent_run_totals_every_leg(data, ray_session, tmp_pa
     # the trial counts cover both legs too: the first leg's two trials, none trained again
     assert parent.data.metrics["trials_completed"] == 2 and parent.data.metrics["trials_interrupted"] == 0
     assert parent.data.metrics["epochs_trained"] == 2 * settings.max_epochs
+
+
+def test_search_records_each_trials_training_seconds_in_trials_csv_and_its_run(searched):
+    """What each config cost to train: Ray's training time of the trial, in trials.csv and on its MLflow run (where
+    `embsize report` reads it). Per epoch, every trial's time is of the same order as the completed ones'."""
+    from search.review import load_review
+
+    from .tables import read_table
+
+    result, uri, _, _ = searched
+    table = read_table(result.out / "trials.csv").set_index("trial_id")
+    assert (table["train_seconds"] > 0).all()
+    assert table["train_seconds"].sum() < result.seconds * 2  # 2 CPUs: at most two trials train at once
+    per_epoch = table["train_seconds"] / table["epochs"]
+    full = per_epoch[table["outcome"] == "completed"]
+    assert per_epoch.between(full.min() / 5, full.max() * 5).all()
+    reviewed = {r["trial_id"]: r["train_seconds"] for r in load_review(result.parent_run_id, uri).trials}
+    for trial_id, seconds in table["train_seconds"].items():
+        assert reviewed[trial_id] == pytest.approx(seconds, abs=1e-3)
