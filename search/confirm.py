@@ -358,7 +358,8 @@ def _ray_map(jobs: list, data: EncodedDataset, s: ConfirmSettings) -> list[dict]
         # each asks for the memory it takes to train, as a search's trials do (cluster.TrialResources)
         node, warned, rows = largest_memory(alive_nodes()), set(), data.train.nbytes + data.val.nbytes
         return ray.get([
-            task.options(memory=memory_request(training_memory(c.model_bytes, rows, keep_best=True), node, warned))
+            task.options(memory=memory_request(training_memory(c.model_bytes, rows, keep_best=True, sparse=s.sparse),
+                                               node, warned))
             .remote(c.model, c.lr, seed, ref, s) for c, seed in jobs])
 
 

@@ -218,7 +218,8 @@ def run_search(
             trainable = tune.with_parameters(run_trial, data=data.for_training(), space=space, settings=trial_settings)
             # each trial asks for its CPUs and the memory its config takes to train (cluster.TrialResources)
             resources = TrialResources(space, settings.cpus_per_trial, settings.gpus_per_trial,
-                                       data.train.nbytes + data.val.nbytes, largest_memory(alive_nodes()))
+                                       data.train.nbytes + data.val.nbytes, largest_memory(alive_nodes()),
+                                       settings.sparse)
             trainable = tune.with_resources(trainable, resources)
             cpus = ray.cluster_resources().get("CPU", 1)
             concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))

@@ -297,6 +297,8 @@ def test_trial_resources_ask_for_the_memory_training_takes_in_whole_gib_capped_a
     gpu = TrialResources(_Space(), cpus=1, gpus=0.5, data_bytes=0, node_memory=None)
     assert gpu(big).bundles[0]["GPU"] == 0.5
     assert gpu.memory(big) == WORKER_BYTES + 2 * 1_700_000_000  # the model trains on the device
+    lazy = TrialResources(_Space(), cpus=1, gpus=0, data_bytes=0, node_memory=None, sparse=True)
+    assert lazy.memory(big) == WORKER_BYTES + (training_copies() - 1) * 1_700_000_000  # no full-table gradient
     assert largest_memory([{"Resources": {"CPU": 1.0}}]) is None
 
 
