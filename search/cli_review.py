@@ -14,7 +14,8 @@ def add_review_commands(sub) -> None:
     """Add the ``report`` and ``confirm`` subcommands to the CLI's subparsers."""
     r = sub.add_parser("report", help="report a finished search from MLflow: front, baselines, sensitivity, plots")
     _run_args(r)
-    r.add_argument("--out", help="report folder (default ./embsize-out/NAME/report)")
+    r.add_argument("--out", help="report folder (default: report/ in the search's output folder, if on this "
+                                 "machine, else ./embsize-out/NAME/report)")
     r.add_argument("--no-log", action="store_true", help="do not upload the report to the parent run")
     r.set_defaults(func=cmd_report)
 
@@ -24,7 +25,8 @@ def add_review_commands(sub) -> None:
     c.add_argument("--workers", type=int,
                    help="retrains at once, one CPU each, as Ray tasks (default: one per CPU when the search's "
                         "training times say the retrains take over a minute, else 1, in this process)")
-    c.add_argument("--out", help="confirmation folder (default ./embsize-out/NAME/confirm)")
+    c.add_argument("--out", help="confirmation folder (default: confirm/ in the search's output folder, if on this "
+                                 "machine, else ./embsize-out/NAME/confirm)")
     c.add_argument("--refine", action="store_true",
                    help="then halve each searched dim of the confirmed pick while its mean AUC over k fresh seeds "
                         "holds, and write refined.yaml (search/refine.py)")
@@ -65,13 +67,21 @@ def _review(args):
     return result
 
 
+def _default_out(result, what: str) -> Path:
+    """Beside the search's own outputs (OUTPUT-DIR/NAME/report) when that folder is on this machine and writable,
+    whatever the current directory; else ./embsize-out/NAME/report (a search run on another machine)."""
+    if result.out.is_dir() and os.access(result.out, os.W_OK):
+        return result.out / what
+    return Path("embsize-out") / result.name / what
+
+
 def cmd_report(args) -> int:
     from .report import log_report, report_text, write_report
     from .review import metric_histories
     from .sensitivity import sensitivity
 
     result = _review(args)
-    out = Path(args.out) if args.out else Path("embsize-out") / result.name / "report"
+    out = Path(args.out) if args.out else _default_out(result, "report")
     try:
         table, source = sensitivity(result)
     except ValueError as e:  # too few trials: the rest of the report still stands
@@ -125,7 +135,7 @@ def cmd_confirm(args) -> int:
           f"{settings.seed_list}, {settings.workers} at once (~{estimate:.0f} s of training in sequence"
           f"{' with the refinement' if args.refine else ''}, from the search's epoch times)", flush=True)
     conf = confirm(result, data, settings)
-    out = Path(args.out) if args.out else Path("embsize-out") / result.name / "confirm"
+    out = Path(args.out) if args.out else _default_out(result, "confirm")
     files = write_confirmation(result, conf, data, out)
     log_confirmation(result, conf, files)
     cols = ["label", "recommended", "confirmed", "challenger", "model_bytes", "single_seed_auc", "mean_auc", "sd_auc"]

@@ -529,3 +529,24 @@ def test_a_disk_that_fills_up_during_a_search_ends_it_in_one_line_with_the_resum
     assert err == [f"embsize: error: a disk filled up during search 'filled' (OSError: [Errno 28] No space left on "
                    f"device); free some space, then `embsize search --resume filled --output-dir "
                    f"'{tmp_path / 'my runs'}'` continues it"]
+
+
+@pytest.mark.slow
+def test_report_and_confirm_write_beside_the_searchs_outputs_from_any_directory(tmp_path, monkeypatch, capsys):
+    """A search with --output-dir, reviewed from another directory: report/ and confirm/ go into the search's own
+    folder (where recommended.yaml is), not into a new ./embsize-out of the current directory."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(work)
+    assert main(["search", "--rows", "3000", "--trials", "2", "--max-epochs", "1", "--name", "here",
+                 "--output-dir", str(tmp_path / "results"), "--tracking-uri", uri]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", "here", "--tracking-uri", uri, "--no-log"]) == 0
+    assert main(["confirm", "here", "--seeds", "2", "--workers", "1", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    search_dir = tmp_path / "results" / "here"
+    assert (search_dir / "report" / "pareto.png").is_file()
+    assert (search_dir / "confirm" / "confirmed.yaml").is_file()
+    assert not (elsewhere / "embsize-out").exists()
+    assert str(search_dir / "report") in out
