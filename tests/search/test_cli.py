@@ -402,18 +402,26 @@ def test_a_search_piped_into_a_reader_that_leaves_early_finishes_its_work(tmp_pa
 
 
 @pytest.mark.slow
-def test_search_then_confirm_as_commands_each_exit_when_done(tmp_path):
+def test_search_then_report_and_confirm_as_commands_each_exit_when_done_beside_the_search(tmp_path):
     """The console commands end: `embsize confirm` with baselines on the front once hung at its exit, joining the
-    idle worker of the pool MLflow's artifact downloads keep (the in-process tests call ``main``, never the exit)."""
+    idle worker of the pool MLflow's artifact downloads keep (the in-process tests call ``main``, never the exit).
+    Run from another directory than the search's, report/ and confirm/ go into the search's --output-dir folder
+    (where recommended.yaml is), not into a new ./embsize-out there."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    search = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "1", "--num-cpus", "2", "--name", "done"]
-    for args in (search, ["confirm", "done", "--seeds", "2", "--workers", "1"]):
-        p = subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env, text=True,
-                           capture_output=True, timeout=300)
+    work, elsewhere, uri = tmp_path / "work", tmp_path / "elsewhere", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    work.mkdir(), elsewhere.mkdir()
+    search = ["search", "--rows", "3000", "--trials", "2", "--max-epochs", "1", "--num-cpus", "2", "--name", "done",
+              "--output-dir", str(tmp_path / "results")]
+    for cwd, args in ((work, search), (elsewhere, ["report", "done", "--no-log"]),
+                      (elsewhere, ["confirm", "done", "--seeds", "2", "--workers", "1"])):
+        p = subprocess.run([sys.executable, "-m", "search.cli", *args, "--tracking-uri", uri], cwd=cwd, env=env,
+                           text=True, capture_output=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
-    assert (tmp_path / "embsize-out" / "done" / "confirm" / "confirmed.yaml").is_file()
+    assert (tmp_path / "results" / "done" / "report" / "pareto.png").is_file()
+    assert (tmp_path / "results" / "done" / "confirm" / "confirmed.yaml").is_file()
+    assert not (elsewhere / "embsize-out").exists()
 
 
 def test_python_dash_m_search_cli_reports_a_bad_value_raised_in_another_module_in_one_line(tmp_path):
@@ -530,23 +538,3 @@ def test_a_disk_that_fills_up_during_a_search_ends_it_in_one_line_with_the_resum
                    f"device); free some space, then `embsize search --resume filled --output-dir "
                    f"'{tmp_path / 'my runs'}'` continues it"]
 
-
-@pytest.mark.slow
-def test_report_and_confirm_write_beside_the_searchs_outputs_from_any_directory(tmp_path, monkeypatch, capsys):
-    """A search with --output-dir, reviewed from another directory: report/ and confirm/ go into the search's own
-    folder (where recommended.yaml is), not into a new ./embsize-out of the current directory."""
-    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
-    work.mkdir(), elsewhere.mkdir()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(work)
-    assert main(["search", "--rows", "3000", "--trials", "2", "--max-epochs", "1", "--name", "here",
-                 "--output-dir", str(tmp_path / "results"), "--tracking-uri", uri]) == 0
-    monkeypatch.chdir(elsewhere)
-    assert main(["report", "here", "--tracking-uri", uri, "--no-log"]) == 0
-    assert main(["confirm", "here", "--seeds", "2", "--workers", "1", "--tracking-uri", uri]) == 0
-    out = capsys.readouterr().out
-    search_dir = tmp_path / "results" / "here"
-    assert (search_dir / "report" / "pareto.png").is_file()
-    assert (search_dir / "confirm" / "confirmed.yaml").is_file()
-    assert not (elsewhere / "embsize-out").exists()
-    assert str(search_dir / "report") in out
