@@ -123,10 +123,19 @@ def _check_train_flags(args) -> None:
         raise UsageError(f"--dropout is {args.dropout}, but must be in [0, 1)")
 
 
+def _note_sparse(data, sparse: bool) -> None:
+    """Print the note suggesting --sparse for a large table (pipelines.train.sparse_hint), unless it is given."""
+    from pipelines.train import sparse_hint
+
+    hint = None if sparse else sparse_hint(data.features)
+    if hint:
+        print(hint)
+
+
 def cmd_train(args) -> int:
     from pipelines import ModelConfig, TrainConfig, evaluate, model_bytes, train
     from pipelines.memory import check_fits, embedding_bytes, training_copies
-    from pipelines.train import SplitTensors, sparse_hint
+    from pipelines.train import SplitTensors
 
     _check_train_flags(args)
     if args.config:
@@ -150,9 +159,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
                       seed=args.seed, threads=args.threads, sparse=args.sparse)
     print(data.summary())
-    hint = None if args.sparse else sparse_hint(data.features)
-    if hint:
-        print(hint)
+    _note_sparse(data, args.sparse)
     print("dims: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
 
     def on_epoch(r, _snapshot):
@@ -229,7 +236,6 @@ def cmd_search(args) -> int:
     data, info = _load(args)
     space = build_space(data.features, spec)
     from pipelines.memory import available_bytes, training_copies
-    from pipelines.train import sparse_hint
 
     have = available_bytes() if address is None else None  # a cluster's nodes may have more than this machine
     need = space.min_bytes() * training_copies()  # a trial keeps no best-epoch copy
@@ -265,9 +271,7 @@ def cmd_search(args) -> int:
         resume.check_not_running(settings.out, name)
     print(f"data: {info['source']}")
     print(data.summary())
-    hint = None if settings.sparse else sparse_hint(data.features)
-    if hint:
-        print(hint)
+    _note_sparse(data, settings.sparse)
     for line in _pin_notes(data, space):
         print(f"embsize: warning: {line}", file=sys.stderr)
     if previous is not None:

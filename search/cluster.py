@@ -249,15 +249,14 @@ def training_memory(model_bytes: int, data_bytes: int, gpu: bool = False, keep_b
     return WORKER_BYTES + 2 * int(data_bytes) + int(model_bytes) * copies
 
 
-def memory_request(need: int, node_memory: float | None, warned: set | None = None) -> int:
+def memory_request(need: int, node_memory: float | None, warned: set) -> int:
     """Ray's ``memory`` resource to ask for a run that needs ``need`` bytes: whole GiB, capped at the largest node's
-    (said once per size in ``warned``)."""
+    (said once per size: ``warned`` holds the sizes said)."""
     ask = math.ceil(need / GIB) * GIB
     if node_memory is None or ask <= node_memory:
         return ask
-    if warned is None or ask not in warned:  # a trial's request is asked for per trial (and again on a retry)
-        if warned is not None:
-            warned.add(ask)
+    if ask not in warned:  # a trial's request is asked for per trial (and again on a retry)
+        warned.add(ask)
         log.warning("a run needs about %.1f GB of memory to train, more than the largest Ray node's %.1f GB: it runs "
                     "alone on that node and may run out of memory (--memory-budget BYTES keeps such configs out of "
                     "a search)", ask / 1e9, node_memory / 1e9)
