@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,51 @@ def check_storage_path(path: str, nodes: list[dict], explicit: bool) -> None:
     if blind:
         raise ValueError(f"Ray storage path '{path}' is not visible from {len(blind)} of {len(nodes)} nodes "
                          f"({', '.join(blind)}); {fix}")
+
+
+# What a trial process imports before its first epoch (~1.5 s on this project's 2-core box): a local Ray embsize starts
+# has its prestarted workers import them at once (Ray's preload_python_modules), while the driver is still setting up.
+TRIAL_MODULES = "torch,ray.tune,search.trial"
+
+
+def start_local_ray(warm: bool, **init_kwargs) -> None:
+    """``ray.init`` for the local Ray a search or `embsize confirm` starts; ``warm``: with workers that have the trial
+    code imported.
+
+    Ray starts one idle worker per CPU with the node (its prestart). With ``warm`` those workers import
+    ``TRIAL_MODULES`` as they start (``RAY_preload_python_modules``, read by the raylet this call starts; a value
+    already in the environment is kept), and ``prestarted_workers_for_trials`` lets Tune's trial actors run in them:
+    the first trials start in processes that are ready instead of new ones that import torch and Ray Tune after the
+    trials are scheduled. Each warm worker holds ~240 MB more, so it pays only where every CPU runs a trial. A
+    cluster's nodes get the same from ``ray start`` with that variable set (README, cluster guide).
+    """
+    import ray
+
+    quiet_token_notice()
+    preset = os.environ.get("RAY_preload_python_modules")
+    if warm and preset is None:
+        os.environ["RAY_preload_python_modules"] = TRIAL_MODULES
+    try:
+        ray.init(**init_kwargs)
+    finally:  # only the raylet just started reads it: no other Ray started later from this process inherits it
+        if warm and preset is None:
+            del os.environ["RAY_preload_python_modules"]
+
+
+def prestarted_workers_for_trials() -> None:
+    """Let Tune's trial actors take the idle workers Ray prestarts, before ``Tuner.fit`` creates them.
+
+    Tune gives every trial actor the runtime environment ``{"env_vars": {"PL_DISABLE_FORK": "1"}}`` (a PyTorch
+    Lightning setting, ray-project/ray#28197; embsize does not use Lightning). Ray keys its idle workers by runtime
+    environment, and the prestarted ones have none, so each trial actor got a new process instead (~0.5 s to start, and
+    torch to import again). Tune has no option for it: the default lives in its module ``class_cache``
+    (``DEFAULT_ENV_VARS``), which is emptied here. A Tune without that module is left as it is.
+    """
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    getattr(class_cache, "DEFAULT_ENV_VARS", {}).pop("PL_DISABLE_FORK", None)
 
 
 def quiet_token_notice() -> None:
@@ -247,6 +293,13 @@ def training_memory(model_bytes: int, data_bytes: int, gpu: bool = False, keep_b
 
     copies = 2 if gpu else training_copies(keep_best) - (1 if sparse else 0)
     return WORKER_BYTES + 2 * int(data_bytes) + int(model_bytes) * copies
+
+
+def warm_workers_pay(model_bytes: int, data_bytes: int, sparse: bool = False, keep_best: bool = False) -> bool:
+    """Whether a local Ray's warm workers (``start_local_ray``) repay the ~240 MB each holds: when the largest model
+    to train asks for the smallest memory request (1 GiB), memory leaves room for one run per CPU, so each warm worker
+    gets one (given runs of one CPU and no GPU, which the caller checks)."""
+    return training_memory(model_bytes, data_bytes, keep_best=keep_best, sparse=sparse) <= GIB
 
 
 def memory_request(need: int, node_memory: float | None, warned: set) -> int:

@@ -350,30 +350,31 @@ def _ray_map(jobs: list, data: EncodedDataset, s: ConfirmSettings) -> list[dict]
     """The retrains as Ray tasks of one CPU each, on a running Ray or a local one of ``s.workers`` CPUs."""
     import ray
 
-    from .cluster import alive_nodes, largest_memory, memory_request, training_memory
+    from .cluster import alive_nodes, largest_memory, memory_request, training_memory, warm_workers_pay
 
-    with local_ray(s.workers):
+    # each asks for the memory it takes to train, as a search's trials do (cluster.TrialResources)
+    rows = data.train.nbytes + data.val.nbytes
+    needs = [training_memory(c.model_bytes, rows, keep_best=True, sparse=s.sparse) for c, _ in jobs]
+    with local_ray(s.workers, warm_workers_pay(max(c.model_bytes for c, _ in jobs), rows, s.sparse, keep_best=True)):
         task = ray.remote(num_cpus=1, max_retries=1)(_train_one)
         ref = ray.put(data)  # once in the object store, not once per task
-        # each asks for the memory it takes to train, as a search's trials do (cluster.TrialResources)
-        node, warned, rows = largest_memory(alive_nodes()), set(), data.train.nbytes + data.val.nbytes
-        return ray.get([
-            task.options(memory=memory_request(training_memory(c.model_bytes, rows, keep_best=True, sparse=s.sparse),
-                                               node, warned))
-            .remote(c.model, c.lr, seed, ref, s) for c, seed in jobs])
+        node, warned = largest_memory(alive_nodes()), set()
+        return ray.get([task.options(memory=memory_request(need, node, warned)).remote(c.model, c.lr, seed, ref, s)
+                        for (c, seed), need in zip(jobs, needs)])
 
 
 @contextlib.contextmanager
-def local_ray(workers: int):
-    """Start (and at the end stop) a local Ray of ``workers`` CPUs, unless one is running: then use it."""
+def local_ray(workers: int, warm: bool = False):
+    """Start (and at the end stop) a local Ray of ``workers`` CPUs, unless one is running: then use it. ``warm``: its
+    prestarted workers import the trainer as they start (``cluster.start_local_ray``)."""
     import ray
 
-    from .cluster import quiet_token_notice
+    from .cluster import start_local_ray
 
     started = not ray.is_initialized()
     if started:
-        quiet_token_notice()
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        start_local_ray(warm, num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING,
+                        log_to_driver=False)
     try:
         yield
     finally:

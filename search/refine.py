@@ -43,6 +43,7 @@ from pipelines import EncodedDataset
 from pipelines.memory import model_bytes
 from pipelines.model import ModelConfig
 
+from .cluster import warm_workers_pay
 from .confirm import Candidate, Confirmation, ConfirmSettings, local_ray, log_to_parent, retrain, retrained_recipe
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def refine(conf: Confirmation, data: EncodedDataset, settings: ConfirmSettings, 
 
     # one Ray for all rounds (``retrain`` would start and stop one per round, ~7 s each)
     parallel = retrain_fn is retrain and settings.workers > 1
-    with local_ray(settings.workers) if parallel else contextlib.nullcontext():
+    warm = warm_workers_pay(start.model_bytes, data.train.nbytes + data.val.nbytes, settings.sparse, keep_best=True)
+    with local_ray(settings.workers, warm) if parallel else contextlib.nullcontext():
         mean, runs = evaluate(0, {"start": dims})["start"]
         floor = mean - tolerance
         rows[0].update(holds=True, taken=True)

@@ -137,7 +137,8 @@ def run_search(
     from ray.tune.logger import JsonLoggerCallback
 
     from . import checkpoints, preflight, resume, tracking
-    from .cluster import TrialResources, alive_nodes, experiment_path, is_uri, largest_memory
+    from .cluster import (TrialResources, alive_nodes, experiment_path, is_uri, largest_memory,
+                          prestarted_workers_for_trials)
     from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
 
@@ -203,7 +204,7 @@ def run_search(
         runs = None
         try:
             if not connected:
-                _connect(settings, uri)
+                _connect(settings, uri, warm=_warm_workers(space, settings, data.train.nbytes + data.val.nbytes))
             if baselines is not None:
                 heuristics = dict(baselines)
             else:
@@ -221,6 +222,7 @@ def run_search(
                                        data.train.nbytes + data.val.nbytes, largest_memory(alive_nodes()),
                                        settings.sparse)
             trainable = tune.with_resources(trainable, resources)
+            prestarted_workers_for_trials()
             cpus = ray.cluster_resources().get("CPU", 1)
             concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
             failures = tune.FailureConfig(max_failures=settings.max_failures)
@@ -319,24 +321,34 @@ def run_search(
             raise
 
 
-def _connect(settings: SearchSettings, uri: str) -> None:
+def _warm_workers(space: SearchSpace, settings: SearchSettings, data_bytes: int) -> bool:
+    """Whether the local Ray's prestarted workers, one per CPU, import the trial code as they start
+    (``cluster.start_local_ray``): when every CPU will hold a trial, i.e. each trial takes one CPU and no GPU, the
+    concurrency is not capped, and the largest model of the space asks for the smallest memory request (1 GiB), so
+    memory does not cap it either (``cluster.warm_workers_pay``). Otherwise workers left without a trial would each
+    hold ~240 MB of torch."""
+    from .cluster import warm_workers_pay
+
+    if settings.cpus_per_trial != 1 or settings.gpus_per_trial or settings.max_concurrent is not None:
+        return False
+    return warm_workers_pay(space.max_bytes(), data_bytes, settings.sparse)
+
+
+def _connect(settings: SearchSettings, uri: str, warm: bool = False) -> None:
     """Start or join Ray, then check the cluster against the search (``cluster.check_cluster``: multi-node needs a
-    tracking server and shared storage, and a trial must fit a node) before any trial starts."""
+    tracking server and shared storage, and a trial must fit a node) before any trial starts. ``warm``: a local Ray
+    started here has its prestarted workers import the trial code (``_warm_workers``)."""
     import ray
 
-    from .cluster import check_cluster, quiet_token_notice
+    from .cluster import check_cluster, start_local_ray
 
     if not ray.is_initialized():
+        options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                       configure_logging=True)
         if settings.address is None:
-            quiet_token_notice()
-        ray.init(
-            address=settings.address,
-            num_cpus=settings.num_cpus if settings.address is None else None,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            configure_logging=True,
-        )
+            start_local_ray(warm, num_cpus=settings.num_cpus, **options)
+        else:
+            ray.init(address=settings.address, **options)
     check_cluster(uri, settings.storage, settings.storage_path is not None, settings.cpus_per_trial,
                   settings.gpus_per_trial, can_grow=settings.address is not None)
     terminate_as_interrupt()

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,24 @@ def test_trial_resources_ask_for_the_memory_training_takes_in_whole_gib_capped_a
     assert largest_memory([{"Resources": {"CPU": 1.0}}]) is None
 
 
+def test_a_local_search_warms_its_workers_only_where_every_cpu_will_hold_a_trial():
+    """Warm workers (each ~240 MB of torch imported at Ray's start) only where each would get a trial: one CPU and no
+    GPU per trial, no concurrency cap, and the space's largest model asking for the smallest memory request."""
+    from pipelines.dataset import FeatureInfo
+    from search.runner import SearchSettings, _warm_workers
+    from search.space import SearchSpec, build_space
+
+    small = build_space([FeatureInfo("user", False, 944), FeatureInfo("item", False, 1683)], SearchSpec())
+    users = build_space([FeatureInfo("user", False, 700_000), FeatureInfo("item", False, 50_000)], SearchSpec())
+    settings = SearchSettings(name="w")
+    assert _warm_workers(small, settings, data_bytes=2_000_000)
+    assert not _warm_workers(small, replace(settings, cpus_per_trial=2), 2_000_000)  # idle CPUs between trials
+    assert not _warm_workers(small, replace(settings, gpus_per_trial=0.5), 2_000_000)  # the GPUs cap concurrency
+    assert not _warm_workers(small, replace(settings, max_concurrent=1), 2_000_000)
+    assert not _warm_workers(small, settings, data_bytes=400_000_000)  # the data alone makes requests > 1 GiB
+    assert users.max_bytes() > 100_000_000 and not _warm_workers(users, settings, 2_000_000)
+
+
 MEMORY_SCRIPT = """
 import json, logging, sys, time
 import ray
@@ -357,3 +376,61 @@ def test_trials_run_at_once_only_while_the_memory_they_ask_for_fits_the_node(tmp
     assert report["roomy"]["most_at_once"] == 2, report  # trials overlap where memory allows
     assert report["below_one_trial"]["most_at_once"] == 1, report
     assert "more than the largest Ray node's" in done.stderr, done.stderr[-3000:]
+
+
+WARM_SCRIPT = """
+import json, logging, os, sys, time
+from pipelines import prepare
+from pipelines.load import load
+from search.cluster import start_local_ray
+from search.runner import SearchSettings, run_search
+from search.space import SearchSpec, build_space
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline") as f:
+        return f.read().replace(chr(0), " ")
+
+def idle_workers():  # the workers of the raylet this process started that have run nothing yet
+    return {w for p in children(os.getpid()) for w in children(p) if cmdline(w).startswith("ray::IDLE")}
+
+def has_torch(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch_cpu" in f.read()
+
+out = sys.argv[1]
+data = prepare(load("synthetic", synthetic_rows=5_000, seed=0), seed=0)
+space = build_space(data.features, SearchSpec(max_dim=8))
+start_local_ray(True, num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+deadline = time.monotonic() + 120
+while not (len(idle_workers()) == 2 and all(map(has_torch, idle_workers()))) and time.monotonic() < deadline:
+    time.sleep(0.2)
+prestarted = idle_workers()
+warm = sorted(p for p in prestarted if has_torch(p))
+trial_pids = set()
+settings = SearchSettings(name="warm", trials=2, max_epochs=1, patience=0, scheduler="fifo", heuristics=False,
+                          tracking_uri=f"sqlite:///{out}/mlflow.db", output_dir=out, seed=0)
+run_search(data, space, settings,
+           on_event=lambda kind, trial, result: kind == "result" and trial_pids.add(result["pid"]))
+print(json.dumps({"prestarted": sorted(prestarted), "with_torch": warm, "trials": sorted(trial_pids),
+                  "preload_env_left": os.environ.get("RAY_preload_python_modules")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_local_search_runs_its_first_trials_in_the_workers_ray_prestarted_with_torch_imported(tmp_path):
+    """`embsize search`'s local Ray (start_local_ray) prestarts one worker per CPU that imports torch and the trial
+    code at once, and Tune's trial actors run in those workers instead of new processes that import it all after the
+    trials are scheduled. (Before: the prestarted workers held no torch, and the trials ran in two other processes,
+    as Tune's per-actor runtime environment kept them off the prestarted workers.)"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_preload_python_modules"}
+    done = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=600, env={**env, "RAY_AIR_NEW_OUTPUT": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert len(report["prestarted"]) == 2 and report["with_torch"] == report["prestarted"], report
+    assert report["trials"] and set(report["trials"]) <= set(report["prestarted"]), report
+    assert report["preload_env_left"] is None, report  # only the raylet it started read the setting
