@@ -13,6 +13,7 @@ Placement helpers used inside a trial live here too: which node it runs on, and 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -89,7 +90,7 @@ def start_local_ray(warm: bool, **init_kwargs) -> None:
 
     Ray starts one idle worker per CPU with the node (its prestart). With ``warm`` those workers import
     ``TRIAL_MODULES`` as they start (``RAY_preload_python_modules``, read by the raylet this call starts; a value
-    already in the environment is kept), and ``prestarted_workers_for_trials`` lets Tune's trial actors run in them:
+    already in the environment is kept), and ``trial_actors_in_prestarted_workers`` lets Tune's trial actors run in them:
     the first trials start in processes that are ready instead of new ones that import torch and Ray Tune after the
     trials are scheduled. Each warm worker holds ~240 MB more, so it pays only where every CPU runs a trial. A
     cluster's nodes get the same from ``ray start`` with that variable set (README, cluster guide).
@@ -107,20 +108,32 @@ def start_local_ray(warm: bool, **init_kwargs) -> None:
             del os.environ["RAY_preload_python_modules"]
 
 
-def prestarted_workers_for_trials() -> None:
-    """Let Tune's trial actors take the idle workers Ray prestarts, before ``Tuner.fit`` creates them.
+@contextlib.contextmanager
+def trial_actors_in_prestarted_workers(ray_started_here: bool):
+    """While Tune creates its trial actors (around ``Tuner.fit``): let them take the idle workers Ray prestarts.
 
-    Tune gives every trial actor the runtime environment ``{"env_vars": {"PL_DISABLE_FORK": "1"}}`` (a PyTorch
-    Lightning setting, ray-project/ray#28197; embsize does not use Lightning). Ray keys its idle workers by runtime
-    environment, and the prestarted ones have none, so each trial actor got a new process instead (~0.5 s to start, and
-    torch to import again). Tune has no option for it: the default lives in its module ``class_cache``
-    (``DEFAULT_ENV_VARS``), which is emptied here. A Tune without that module is left as it is.
+    Tune gives every trial actor a runtime environment of environment variables: ``PL_DISABLE_FORK=1`` (a PyTorch
+    Lightning setting, ray-project/ray#28197; embsize does not use Lightning) and the driver's values of a few it
+    propagates (AWS credentials, some Ray Train settings). Ray keys its idle workers by runtime environment, and the
+    prestarted ones have none, so each trial actor got a new process instead (~0.5 s to start, torch imported again).
+    Tune has no option for it; its defaults live in its module ``class_cache``, emptied here for the duration and
+    then restored. The propagated variables are dropped only for a Ray this process started just now
+    (``ray_started_here``): its workers inherited this environment already. A cluster's workers still get them.
     """
     try:
         from ray.tune.execution import class_cache
-    except ImportError:
+    except ImportError:  # a Tune without that module: left as it is
+        yield
         return
+    defaults = dict(getattr(class_cache, "DEFAULT_ENV_VARS", {}))
+    propagated = set(getattr(class_cache, "ENV_VARS_TO_PROPAGATE", ())) if ray_started_here else set()
     getattr(class_cache, "DEFAULT_ENV_VARS", {}).pop("PL_DISABLE_FORK", None)
+    getattr(class_cache, "ENV_VARS_TO_PROPAGATE", set()).difference_update(propagated)
+    try:
+        yield
+    finally:
+        getattr(class_cache, "DEFAULT_ENV_VARS", {}).update(defaults)
+        getattr(class_cache, "ENV_VARS_TO_PROPAGATE", set()).update(propagated)
 
 
 def quiet_token_notice() -> None:

@@ -138,7 +138,7 @@ def run_search(
 
     from . import checkpoints, preflight, resume, tracking
     from .cluster import (TrialResources, alive_nodes, experiment_path, is_uri, largest_memory,
-                          prestarted_workers_for_trials)
+                          trial_actors_in_prestarted_workers)
     from .schedulers import decision_epochs, make_scheduler
     from .searcher import DimSearch
 
@@ -222,7 +222,6 @@ def run_search(
                                        data.train.nbytes + data.val.nbytes, largest_memory(alive_nodes()),
                                        settings.sparse)
             trainable = tune.with_resources(trainable, resources)
-            prestarted_workers_for_trials()
             cpus = ray.cluster_resources().get("CPU", 1)
             concurrent = settings.max_concurrent or max(1, int(cpus // settings.cpus_per_trial))
             failures = tune.FailureConfig(max_failures=settings.max_failures)
@@ -261,7 +260,8 @@ def run_search(
                 runs.name_from_store()
             sigint = _sigint_handler()
             try:
-                grid = tuner.fit()
+                with trial_actors_in_prestarted_workers(ray_started_here=not connected):
+                    grid = tuner.fit()
             finally:
                 runs.close()
                 if sigint is not None:  # Tune leaves its Ctrl-C handler set after fit: a Ctrl-C (or SIGTERM) while

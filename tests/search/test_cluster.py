@@ -321,6 +321,24 @@ def test_a_local_search_warms_its_workers_only_where_every_cpu_will_hold_a_trial
     assert users.max_bytes() > 100_000_000 and not _warm_workers(users, settings, 2_000_000)
 
 
+def test_tunes_trial_actor_environment_is_emptied_only_while_a_search_runs():
+    """The runtime environment Tune gives trial actors is emptied around Tuner.fit only (a later search, maybe on a
+    cluster, gets Tune's own again), and the driver's AWS credentials stay on a Ray the process did not start."""
+    from ray.tune.execution import class_cache
+
+    from search.cluster import trial_actors_in_prestarted_workers
+
+    before = dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)
+    assert "PL_DISABLE_FORK" in before[0] and "AWS_ACCESS_KEY_ID" in before[1]
+    with trial_actors_in_prestarted_workers(ray_started_here=True):
+        assert class_cache.DEFAULT_ENV_VARS == {} and not class_cache.ENV_VARS_TO_PROPAGATE
+    assert (dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)) == before
+    with pytest.raises(RuntimeError), trial_actors_in_prestarted_workers(ray_started_here=False):
+        assert class_cache.ENV_VARS_TO_PROPAGATE == before[1] and "PL_DISABLE_FORK" not in class_cache.DEFAULT_ENV_VARS
+        raise RuntimeError("a failed fit")
+    assert (dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)) == before
+
+
 MEMORY_SCRIPT = """
 import json, logging, sys, time
 import ray
@@ -379,10 +397,10 @@ def test_trials_run_at_once_only_while_the_memory_they_ask_for_fits_the_node(tmp
 
 
 WARM_SCRIPT = """
-import json, logging, os, sys, time
+import json, os, sys, time
 from pipelines import prepare
 from pipelines.load import load
-from search.cluster import start_local_ray
+from search import cluster
 from search.runner import SearchSettings, run_search
 from search.space import SearchSpec, build_space
 
@@ -401,36 +419,44 @@ def has_torch(pid):
     with open(f"/proc/{pid}/maps") as f:
         return "libtorch_cpu" in f.read()
 
+seen = {}
+start_local_ray = cluster.start_local_ray
+
+def spy(warm, **kwargs):  # the search's own start of Ray, then a look at its idle workers once they are ready
+    start_local_ray(warm, **kwargs)
+    seen["env_after_start"] = os.environ.get("RAY_preload_python_modules")
+    deadline = time.monotonic() + 120
+    while not (len(idle_workers()) == 2 and all(map(has_torch, idle_workers()))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen["prestarted"] = sorted(idle_workers())
+    seen["with_torch"] = sorted(p for p in idle_workers() if has_torch(p))
+
+cluster.start_local_ray = spy
 out = sys.argv[1]
 data = prepare(load("synthetic", synthetic_rows=5_000, seed=0), seed=0)
 space = build_space(data.features, SearchSpec(max_dim=8))
-start_local_ray(True, num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-deadline = time.monotonic() + 120
-while not (len(idle_workers()) == 2 and all(map(has_torch, idle_workers()))) and time.monotonic() < deadline:
-    time.sleep(0.2)
-prestarted = idle_workers()
-warm = sorted(p for p in prestarted if has_torch(p))
 trial_pids = set()
 settings = SearchSettings(name="warm", trials=2, max_epochs=1, patience=0, scheduler="fifo", heuristics=False,
-                          tracking_uri=f"sqlite:///{out}/mlflow.db", output_dir=out, seed=0)
+                          num_cpus=2, tracking_uri=f"sqlite:///{out}/mlflow.db", output_dir=out, seed=0)
 run_search(data, space, settings,
            on_event=lambda kind, trial, result: kind == "result" and trial_pids.add(result["pid"]))
-print(json.dumps({"prestarted": sorted(prestarted), "with_torch": warm, "trials": sorted(trial_pids),
-                  "preload_env_left": os.environ.get("RAY_preload_python_modules")}))
+print(json.dumps({**seen, "trials": sorted(trial_pids)}))
 """
 
 
 @pytest.mark.slow
 def test_a_local_search_runs_its_first_trials_in_the_workers_ray_prestarted_with_torch_imported(tmp_path):
-    """`embsize search`'s local Ray (start_local_ray) prestarts one worker per CPU that imports torch and the trial
+    """The local Ray a search starts (start_local_ray) prestarts one worker per CPU that imports torch and the trial
     code at once, and Tune's trial actors run in those workers instead of new processes that import it all after the
-    trials are scheduled. (Before: the prestarted workers held no torch, and the trials ran in two other processes,
-    as Tune's per-actor runtime environment kept them off the prestarted workers.)"""
+    trials are scheduled, also with AWS credentials in the environment (which Tune copies into each trial actor's
+    runtime environment). (Before: the prestarted workers held no torch, and the trials ran in two other processes:
+    Tune's per-actor runtime environment kept them off the prestarted workers.)"""
     env = {k: v for k, v in os.environ.items() if k != "RAY_preload_python_modules"}
+    env.update(RAY_AIR_NEW_OUTPUT="0", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     done = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2], timeout=600, env={**env, "RAY_AIR_NEW_OUTPUT": "0"})
+                          cwd=Path(__file__).resolve().parents[2], timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
     assert len(report["prestarted"]) == 2 and report["with_torch"] == report["prestarted"], report
     assert report["trials"] and set(report["trials"]) <= set(report["prestarted"]), report
-    assert report["preload_env_left"] is None, report  # only the raylet it started read the setting
+    assert report["env_after_start"] is None, report  # only the raylet it started read the setting
