@@ -103,8 +103,10 @@ dims = {"u": 32, "i": 4}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 def checkpoint(result, snapshot):  # what a search trial does each epoch: serialize the live state
     torch.save(snapshot(copied=False), io.BytesIO())
-train(ModelConfig(dims, (16,), 0.0), TrainConfig(max_epochs=2, sparse=sparse, threads=1), data, on_epoch=checkpoint,
-      keep_best=keep)
+# batches of 8192: ~60 steps an epoch instead of ~470, the same peak (6.2-6.3x / 8.2-8.3x measured either way, 5 s
+# a run instead of 18 s); a batch's activations are ~2 MB against the 51 MB of parameters
+train(ModelConfig(dims, (16,), 0.0), TrainConfig(max_epochs=2, batch_size=8192, sparse=sparse, threads=1), data,
+      on_epoch=checkpoint, keep_best=keep)
 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 print(grown / model_bytes(data.features, dims, (16,)))
 """
